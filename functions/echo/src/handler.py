@@ -1,0 +1,3 @@
+def Handler(req):
+    """Return the input unchanged (byte-identical)."""
+    return req.input

@@ -1,0 +1,1 @@
+"""MQTT-to-gRPC bridge: devices publish to topics, functions answer on reply topics, nothing is lost."""

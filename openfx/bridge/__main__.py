@@ -1,0 +1,75 @@
+"""`python -m openfx.bridge [-c broker/bridge.yaml]`: run the MQTT-to-gRPC bridge until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from openfx.bridge.bridge import Bridge
+from openfx.bridge.config import Route, load_bridge_config
+from openfx.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m openfx.bridge", description=__doc__)
+    p.add_argument("-c", "--config", help="bridge config file (broker/bridge.yaml)")
+    p.add_argument("--host", help="broker host")
+    p.add_argument("--port", type=int, help="broker port")
+    p.add_argument("--gateway", default=os.environ.get("OPENFX_URL"), help="gateway gRPC address")
+    p.add_argument("--client-id", help="MQTT client id (stable across restarts)")
+    p.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="FILTER=FUNCTION",
+        help="topic filter to function, e.g. 'sensors/+/battery=unmarshalling' (repeatable)",
+    )
+    p.add_argument("--metrics", help="host:port for /metrics ('' to disable)")
+    p.add_argument("--ready-file", help="touch this file once subscribed")
+    p.add_argument("--ack", choices=["after-reply", "on-receipt"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"), format="bridge: %(message)s", stream=sys.stderr
+    )
+    routes = None
+    if args.route:
+        try:
+            routes = [Route(filter=f, function=fn) for f, _, fn in (r.partition("=") for r in args.route)]
+        except ValueError as exc:
+            p.error(str(exc).splitlines()[-1])
+    try:
+        config = load_bridge_config(
+            args.config,
+            host=args.host,
+            port=args.port,
+            gateway=args.gateway,
+            client_id=args.client_id,
+            routes=routes,
+            ack=args.ack,
+            ready_file=args.ready_file,
+        )
+    except ConfigError as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.metrics is not None:
+        config.metrics_address = args.metrics or None
+    run(config)
+
+
+def run(config) -> None:  # type: ignore[no-untyped-def]
+    bridge = Bridge(config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    bridge.start()
+    stop.wait()
+    logging.getLogger("openfx.bridge").info("stopping (finishing in-flight requests)")
+    bridge.stop()
+
+
+if __name__ == "__main__":
+    main()

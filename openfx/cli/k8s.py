@@ -1,0 +1,65 @@
+"""`openfx-cli k8s render`: the cluster-mode manifests, rendered from the stack file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import yaml
+
+from openfx.config import ConfigError, load_stack
+from openfx.deploy.manifests import FUNCTION_NAMESPACE, GATEWAY_IMAGE, function_manifests, platform_manifests
+from openfx.deploy.observability import grafana_dashboard, prometheus_config
+from openfx.deployment import FunctionDef, to_request
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: object) -> bool:
+        return True  # plain YAML that kubectl users read, no &id001 anchors
+
+
+def write_yaml(path: Path, documents: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.dump_all(documents, Dumper=_NoAliases, sort_keys=False))
+
+
+def render(
+    stack_file: str, output: Path, gateway_image: str = GATEWAY_IMAGE, namespace: str = FUNCTION_NAMESPACE
+) -> list[Path]:
+    stack = load_stack(stack_file)
+    written = [output / "platform.yaml"]
+    write_yaml(written[0], platform_manifests(gateway_image, functions=namespace))
+    for name, spec in stack.functions.items():
+        fn = FunctionDef.from_request(to_request(name, spec))
+        path = output / "functions" / f"{name}.yaml"
+        write_yaml(path, function_manifests(fn, namespace))
+        written.append(path)
+    prometheus = output / "prometheus" / "prometheus.yml"
+    prometheus.parent.mkdir(parents=True, exist_ok=True)
+    prometheus.write_text(yaml.safe_dump(prometheus_config(), sort_keys=False))
+    dashboard = output / "grafana" / "openfx-gateway.json"
+    dashboard.parent.mkdir(parents=True, exist_ok=True)
+    dashboard.write_text(json.dumps(grafana_dashboard(), indent=2) + "\n")
+    return [*written, prometheus, dashboard]
+
+
+@click.group()
+def k8s() -> None:
+    """Cluster mode: Kubernetes manifests."""
+
+
+@k8s.command("render")
+@click.option("-f", "--file", "stack_file", default="openfx.yaml", show_default=True, help="stack file")
+@click.option("-o", "--output", default="deploy", show_default=True, help="output folder")
+@click.option("--gateway-image", default=GATEWAY_IMAGE, show_default=True)
+@click.option("--namespace", default=FUNCTION_NAMESPACE, show_default=True, help="the functions' namespace")
+def render_command(stack_file: str, output: str, gateway_image: str, namespace: str) -> None:
+    """Write namespaces, gateway, per-function Deployment/Service/HPA, Prometheus and Grafana files."""
+    try:
+        paths = render(stack_file, Path(output), gateway_image, namespace)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in paths:
+        click.echo(f"wrote {path}")
+    click.echo(f"apply with: kubectl apply -f {output}/platform.yaml -f {output}/functions/")

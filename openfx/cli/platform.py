@@ -1,0 +1,157 @@
+"""`openfx-cli up` / `down`: the embedded platform on this machine.
+
+`up` runs the gateway (which starts one watcher process per function replica) in
+the foreground, Ctrl-C stopping all of it; `up -d` starts it in the background,
+waits until every function is ready, and `down` stops it. State (pid, log) lives
+in `.openfx/` beside the stack file, or in $OPENFX_HOME.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from openfx.config import ConfigError, load_stack
+from openfx.gateway.app import GatewaySettings
+
+
+def state_dir(stack_file: str) -> Path:
+    home = os.environ.get("OPENFX_HOME")
+    folder = Path(home) if home else Path(stack_file).resolve().parent / ".openfx"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _running_pid(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+@click.command()
+@click.option("-f", "--file", "stack_file", default="openfx.yaml", show_default=True, help="stack file")
+@click.option("-d", "--detach", is_flag=True, help="run in the background (stop with `openfx-cli down`)")
+@click.option(
+    "--grpc",
+    "grpc_address",
+    envvar="OPENFX_GRPC_ADDR",
+    default=GatewaySettings.grpc_address,
+    show_default=True,
+    help="gateway gRPC address",
+)
+@click.option(
+    "--http",
+    "http_address",
+    envvar="OPENFX_HTTP_ADDR",
+    default=GatewaySettings.http_address,
+    show_default=True,
+    help="gateway HTTP address",
+)
+@click.option("--mqtt-port", type=int, default=None, help="broker port (default: the stack file's mqtt.port)")
+@click.option("--no-mqtt", is_flag=True, help="start without the MQTT broker and bridge")
+@click.option("--timeout", default=180.0, show_default=True, help="seconds to wait for readiness (-d)")
+def up(
+    stack_file: str,
+    detach: bool,
+    grpc_address: str,
+    http_address: str,
+    mqtt_port: int | None,
+    no_mqtt: bool,
+    timeout: float,
+) -> None:
+    """Start the gateway, every function of the stack file, the MQTT broker and the bridge."""
+    try:
+        load_stack(stack_file)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    args = [
+        sys.executable,
+        "-m",
+        "openfx.platform",
+        "-f",
+        stack_file,
+        "--grpc",
+        grpc_address,
+        "--http",
+        http_address,
+    ]
+    if mqtt_port is not None:
+        args += ["--mqtt-port", str(mqtt_port)]
+    if no_mqtt:
+        args.append("--no-mqtt")
+    if not detach:
+        os.execv(sys.executable, args)  # the platform owns the terminal; Ctrl-C drains and stops all of it
+    folder = state_dir(stack_file)
+    pid_file = folder / "gateway.pid"
+    if (pid := _running_pid(pid_file)) is not None:
+        raise click.ClickException(f"already running (pid {pid}); stop it with 'openfx-cli down'")
+    log_path = folder / "gateway.log"
+    before = log_path.read_text(errors="replace").count("platform: ready") if log_path.exists() else 0
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    pid_file.write_text(str(proc.pid))
+    _wait_until_ready(proc, timeout, log_path, before)
+    click.echo(
+        f"OpenFx is up (pid {proc.pid}): grpc {grpc_address}, http http://{http_address}; log: {log_path}"
+    )
+
+
+def _wait_until_ready(proc: subprocess.Popen[bytes], timeout: float, log_path: Path, before: int) -> None:
+    """Wait for the platform's "ready" line (after every function and the MQTT bridge are up);
+    works whatever the gateway's authentication and TLS settings."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True
+    ) as bar:
+        task = bar.add_task("starting", total=None)
+        while time.monotonic() < deadline:
+            lines = log_path.read_text(errors="replace").splitlines()
+            if proc.poll() is not None:
+                raise click.ClickException(f"exited with code {proc.returncode}: " + " | ".join(lines[-5:]))
+            ready = [line for line in lines if line.startswith("platform: ready")]
+            if len(ready) > before:
+                if "NOT ready" in ready[-1]:
+                    click.echo(ready[-1], err=True)
+                return
+            if lines:
+                bar.update(task, description=lines[-1][:100])
+            time.sleep(0.2)
+    raise click.ClickException(f"not ready after {timeout:g}s; see {log_path} or 'openfx-cli fn list'")
+
+
+@click.command()
+@click.option("-f", "--file", "stack_file", default="openfx.yaml", show_default=True, help="stack file")
+@click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for a clean stop")
+def down(stack_file: str, timeout: float) -> None:
+    """Stop the background platform started by `up -d`."""
+    pid_file = state_dir(stack_file) / "gateway.pid"
+    pid = _running_pid(pid_file)
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        raise click.ClickException("not running (no live pid in .openfx/gateway.pid)")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        click.echo(f"gateway (pid {pid}) did not stop in {timeout:g}s; killed", err=True)
+    pid_file.unlink(missing_ok=True)
+    click.echo("OpenFx is down.")

@@ -1,0 +1,199 @@
+"""openfx-cli config files (`functions/<name>/config.yaml`) and the stack file (`openfx.yaml`).
+
+The schema is OpenFx's (research/openfx.md §3.2); keys we add (timeout,
+max_inflight, replicas, include) are additions, never renames. An unknown key is
+a one-line error naming the key and the file, because a typo silently ignored is
+a function deployed without its setting.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DEFAULT_GATEWAY = "127.0.0.1:31113"
+
+
+class ConfigError(Exception):
+    """A config file is missing, unreadable or invalid; the message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class HandlerSpec(_Strict):
+    dir: str = "./src"
+    file: str = "handler.py"
+    name: str = "Handler"
+
+
+class Resources(_Strict):
+    memory: str = ""
+    cpu: str = ""
+    gpu: str = ""
+
+
+def _seconds(value: Any) -> float:
+    """Accept 30, 30.5, "30s", "500ms", "2m" (Go-style durations like OpenFx's INVOKE_TIMEOUT)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30, '30s', '500ms', '2m')")
+    number, unit = float(match.group(1)), match.group(2) or "s"
+    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+class FunctionSpec(_Strict):
+    runtime: str = "python3"
+    desc: str = ""
+    maintainer: str = ""
+    handler: HandlerSpec = Field(default_factory=HandlerSpec)
+    docker_registry: str = ""
+    image: str = ""
+    registry_auth: str = ""
+    environment: dict[str, str] = Field(default_factory=dict)
+    environment_file: list[str] = Field(default_factory=list)
+    secrets: list[str] = Field(default_factory=list)
+    constraints: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    limits: Resources = Field(default_factory=Resources)
+    requests: Resources = Field(default_factory=Resources)
+    build_options: list[str] = Field(default_factory=list)
+    build_args: list[str] = Field(default_factory=list)
+    # additions
+    timeout: float = 30.0
+    max_inflight: int = Field(default=100, ge=1)
+    replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=0, ge=0)  # cluster mode: > replicas adds a HorizontalPodAutoscaler
+    max_request_bytes: int = Field(default=0, ge=0)  # 0: only the gateway-wide limit
+
+    # filled in by the loader: the folder the config file lives in
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _parse_timeout(cls, value: Any) -> float:
+        seconds = _seconds(value)
+        if seconds <= 0:
+            raise ValueError("timeout must be positive")
+        return seconds
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _stringify_env(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): "" if v is None else str(v) for k, v in value.items()}
+        return value
+
+    @property
+    def handler_dir(self) -> Path:
+        return (self.base_dir / self.handler.dir).resolve()
+
+    @property
+    def handler_file(self) -> Path:
+        return self.handler_dir / self.handler.file
+
+    @property
+    def source_dir(self) -> Path:
+        """The function folder (the handler dir's parent, as OpenFx's build context)."""
+        return self.handler_dir.parent
+
+
+class GatewaySpec(_Strict):
+    gateway: str = DEFAULT_GATEWAY
+    token_file: str | None = None  # a file holding the CLI's bearer token (never the token itself)
+    tls_ca: str | None = None  # CA certificate to reach a gateway over TLS
+
+
+class MqttSpec(_Strict):
+    """The embedded platform's broker and bridge (an addition to the openfx-cli schema)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=0, le=65535)
+    persistence: bool = True
+    bridge: str = "broker/bridge.yaml"  # relative to the stack file
+
+
+class StackFile(_Strict):
+    functions: dict[str, FunctionSpec] = Field(default_factory=dict)
+    openfx: GatewaySpec = Field(default_factory=GatewaySpec)
+    include: list[str] = Field(default_factory=list)
+    mqtt: MqttSpec | None = None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _explain(path: Path, exc: ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return ConfigError(f"{path}: unknown key '{where}'")
+    return ConfigError(f"{path}: '{where}': {err['msg']}")
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_stack(path: str | Path) -> StackFile:
+    """Load a config or stack file; `include` globs pull in per-function config files,
+    whose entries the including file's own `functions` keys override."""
+    path = Path(path).resolve()
+    data = _read_yaml(path)
+    raw_functions: dict[str, tuple[dict[str, Any], Path]] = {}
+    for pattern in data.get("include") or []:
+        matches = sorted(glob.glob(str(path.parent / pattern)))
+        if not matches:
+            raise ConfigError(f"{path}: include '{pattern}' matches no file")
+        for match in matches:
+            included = _read_yaml(Path(match))
+            for name, spec in (included.get("functions") or {}).items():
+                raw_functions[name] = (spec or {}, Path(match).parent)
+    for name, spec in (data.get("functions") or {}).items():
+        if name in raw_functions:
+            base, folder = raw_functions[name]
+            raw_functions[name] = (_merge(base, spec or {}), folder)
+        else:
+            raw_functions[name] = (spec or {}, path.parent)
+    try:
+        stack = StackFile.model_validate({**data, "functions": {}})
+        for name, (spec, folder) in raw_functions.items():
+            if not NAME_RE.match(name):
+                raise ConfigError(f"{path}: function name {name!r} must match {NAME_RE.pattern}")
+            stack.functions[name] = FunctionSpec.model_validate({**spec, "base_dir": folder})
+    except ValidationError as exc:
+        raise _explain(path, exc) from None
+    for name, fn in stack.functions.items():
+        for env_file in fn.environment_file:
+            extra = _read_yaml(fn.base_dir / env_file).get("environment") or {}
+            fn.environment.update({str(k): str(v) for k, v in extra.items()})
+        if not fn.image:
+            fn.image = f"{fn.docker_registry}/{name}" if fn.docker_registry else name
+    return stack

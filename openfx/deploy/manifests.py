@@ -1,0 +1,231 @@
+"""One function -> Deployment + headless Service + HorizontalPodAutoscaler; the platform ->
+namespaces, the gateway (ServiceAccount, least-privilege Role, Deployment, NodePort Service).
+
+Current APIs only (apps/v1, autoscaling/v2, native gRPC probes, `nvidia.com/gpu`), where
+OpenFx used APIs removed in Kubernetes 1.16-1.25. The same dicts are written as YAML by the
+CLI and sent to the API server by the gateway's Kubernetes backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from openfx.deployment import FunctionDef
+
+GATEWAY_NAMESPACE = "openfx"
+FUNCTION_NAMESPACE = "openfx-fn"
+WATCHER_PORT = 50051
+LABEL = "openfx_fn"
+GATEWAY_IMAGE = "localhost:5000/openfx/fxgateway:0.1.0"
+
+Manifest = dict[str, Any]
+
+
+def _resources(limits: dict[str, str], requests: dict[str, str]) -> dict[str, dict[str, str]]:
+    def convert(values: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for key, value in values.items():
+            if value:
+                out["nvidia.com/gpu" if key.lower() == "gpu" else key.lower()] = str(value)
+        return out
+
+    resources = {"limits": convert(limits), "requests": convert(requests)}
+    if "nvidia.com/gpu" in resources["limits"]:
+        resources["requests"]["nvidia.com/gpu"] = resources["limits"]["nvidia.com/gpu"]  # must be equal
+    return {k: v for k, v in resources.items() if v}
+
+
+def function_manifests(fn: FunctionDef, namespace: str = FUNCTION_NAMESPACE) -> list[Manifest]:
+    labels = {**dict(sorted(fn.labels.items())), LABEL: fn.name}
+    annotations = {k: v for k, v in sorted(fn.annotations.items()) if k != "openfx.source"}  # a local path
+    probe = {"grpc": {"port": WATCHER_PORT}, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3}
+    container: Manifest = {
+        "name": fn.name,
+        "image": fn.image or fn.name,
+        "ports": [{"name": "fxwatcher", "containerPort": WATCHER_PORT, "protocol": "TCP"}],
+        "env": [{"name": k, "value": v} for k, v in sorted(fn.env.items())],
+        "readinessProbe": {**probe, "initialDelaySeconds": 1},
+        "livenessProbe": {**probe, "initialDelaySeconds": 10},
+        "startupProbe": {**probe, "failureThreshold": 60, "periodSeconds": 2},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    resources = _resources(fn.limits, fn.requests)
+    if resources:
+        container["resources"] = resources
+    deployment: Manifest = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": fn.name, "namespace": namespace, "labels": labels, "annotations": annotations},
+        "spec": {
+            "replicas": fn.replicas,
+            "selector": {"matchLabels": {LABEL: fn.name}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": annotations},
+                "spec": {
+                    "containers": [container],
+                    "terminationGracePeriodSeconds": int(fn.timeout) + 5,  # SIGTERM drains in-flight calls
+                },
+            },
+        },
+    }
+    # headless: the gateway's round_robin channel sees every pod (one HTTP/2 connection to a
+    # ClusterIP would pin all calls to one pod)
+    service: Manifest = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": fn.name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL: fn.name},
+            "ports": [{"name": "grpc-fxwatcher", "port": WATCHER_PORT, "targetPort": WATCHER_PORT}],
+        },
+    }
+    manifests = [deployment, service]
+    if fn.max_replicas > max(fn.replicas, 1):
+        manifests.append(
+            {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": {"name": fn.name, "namespace": namespace, "labels": labels},
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": fn.name},
+                    "minReplicas": max(fn.replicas, 1),
+                    "maxReplicas": fn.max_replicas,
+                    "metrics": [
+                        {
+                            "type": "Resource",
+                            "resource": {
+                                "name": "cpu",
+                                "target": {"type": "Utilization", "averageUtilization": 80},
+                            },
+                        }
+                    ],
+                },
+            }
+        )
+    return manifests
+
+
+def platform_manifests(
+    gateway_image: str = GATEWAY_IMAGE,
+    namespace: str = GATEWAY_NAMESPACE,
+    functions: str = FUNCTION_NAMESPACE,
+) -> list[Manifest]:
+    labels = {"app": "fxgateway"}
+    namespaces = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"openfx": "true"}}}
+        for name in (namespace, functions)
+    ]
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "fxgateway", "namespace": namespace},
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "fxgateway", "namespace": functions},
+        "rules": [  # only what the Kubernetes backend calls, only in the functions' namespace
+            {
+                "apiGroups": ["apps"],
+                "resources": ["deployments"],
+                "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+            },
+            {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch", "update"]},
+            {
+                "apiGroups": [""],
+                "resources": ["services"],
+                "verbs": ["get", "list", "create", "update", "patch", "delete"],
+            },
+            {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]},
+            {
+                "apiGroups": ["autoscaling"],
+                "resources": ["horizontalpodautoscalers"],
+                "verbs": ["get", "list", "create", "update", "patch", "delete"],
+            },
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "fxgateway", "namespace": functions},
+        "subjects": [{"kind": "ServiceAccount", "name": "fxgateway", "namespace": namespace}],
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "fxgateway"},
+    }
+    probe = {"grpc": {"port": 31113}, "periodSeconds": 10, "timeoutSeconds": 2}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "fxgateway", "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "31114"},
+                },
+                "spec": {
+                    "serviceAccountName": "fxgateway",
+                    "containers": [
+                        {
+                            "name": "fxgateway",
+                            "image": gateway_image,
+                            "args": [
+                                "--backend",
+                                "kubernetes",
+                                "--namespace",
+                                functions,
+                                "--no-functions",
+                                "--grpc",
+                                "0.0.0.0:31113",
+                                "--http",
+                                "0.0.0.0:31114",
+                            ],
+                            "env": [{"name": "OPENFX_TOKENS_FILE", "value": "/etc/openfx/tokens.yaml"}],
+                            "ports": [
+                                {"name": "grpc", "containerPort": 31113},
+                                {"name": "http", "containerPort": 31114},
+                            ],
+                            "readinessProbe": probe,
+                            "livenessProbe": {**probe, "initialDelaySeconds": 10},
+                            "resources": {
+                                "requests": {"cpu": "250m", "memory": "128Mi"},
+                                "limits": {"memory": "512Mi"},
+                            },
+                            "volumeMounts": [
+                                {"name": "tokens", "mountPath": "/etc/openfx", "readOnly": True}
+                            ],
+                            "securityContext": {
+                                "runAsNonRoot": True,
+                                "runAsUser": 10001,
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                        }
+                    ],
+                    "volumes": [{"name": "tokens", "secret": {"secretName": "fxgateway-tokens"}}],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "fxgateway", "namespace": namespace, "labels": labels},
+        "spec": {
+            "type": "NodePort",
+            "selector": labels,
+            "ports": [
+                {"name": "grpc", "port": 31113, "targetPort": 31113, "nodePort": 31113},
+                {"name": "http", "port": 31114, "targetPort": 31114, "nodePort": 31114},
+            ],
+        },
+    }
+    return [*namespaces, account, role, binding, deployment, service]

@@ -1,0 +1,101 @@
+"""Prometheus scrape config and a Grafana dashboard for the gateway's metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from openfx.deploy.manifests import GATEWAY_NAMESPACE
+
+ERRORS = 'sum by (function_name, code) (rate(gateway_function_invocation_total{code!="200"}[1m]))'
+
+
+def prometheus_config(namespace: str = GATEWAY_NAMESPACE) -> dict[str, Any]:
+    return {
+        "global": {"scrape_interval": "5s", "evaluation_interval": "15s"},
+        "scrape_configs": [
+            {
+                "job_name": "fxgateway",
+                "metrics_path": "/metrics",
+                "kubernetes_sd_configs": [{"role": "endpoints", "namespaces": {"names": [namespace]}}],
+                "relabel_configs": [
+                    {
+                        "source_labels": [
+                            "__meta_kubernetes_service_name",
+                            "__meta_kubernetes_endpoint_port_name",
+                        ],
+                        "regex": "fxgateway;http",
+                        "action": "keep",
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def _panel(
+    panel_id: int, title: str, exprs: list[tuple[str, str]], unit: str, x: int, y: int
+) -> dict[str, Any]:
+    return {
+        "id": panel_id,
+        "type": "timeseries",
+        "title": title,
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [
+            {"refId": chr(65 + i), "expr": expr, "legendFormat": legend}
+            for i, (expr, legend) in enumerate(exprs)
+        ],
+    }
+
+
+def grafana_dashboard() -> dict[str, Any]:
+    q = "histogram_quantile({q}, sum by (le, function_name) (rate(gateway_functions_seconds_bucket[1m])))"
+    return {
+        "title": "OpenFx gateway",
+        "uid": "openfx-gateway",
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}
+            ]
+        },
+        "panels": [
+            _panel(
+                1,
+                "Invocations per second by function and status",
+                [
+                    (
+                        "sum by (function_name, code) (rate(gateway_function_invocation_total[1m]))",
+                        "{{function_name}} {{code}}",
+                    )
+                ],
+                "reqps",
+                0,
+                0,
+            ),
+            _panel(
+                2,
+                "Latency p50 / p99",
+                [(q.format(q="0.5"), "p50 {{function_name}}"), (q.format(q="0.99"), "p99 {{function_name}}")],
+                "s",
+                12,
+                0,
+            ),
+            _panel(3, "Ready replicas", [("gateway_service_count", "{{function_name}}")], "short", 0, 8),
+            _panel(
+                4,
+                "Errors and refused requests",
+                [
+                    (ERRORS, "{{function_name}} {{code}}"),
+                    ("sum by (code) (rate(gateway_auth_rejected_total[1m]))", "auth {{code}}"),
+                ],
+                "reqps",
+                12,
+                8,
+            ),
+        ],
+    }

@@ -1,0 +1,116 @@
+"""What a Deploy/Update request carries, in both directions.
+
+`CreateFunctionRequest` (OpenFx's message) has no fields for our additions, so
+they travel as annotations under the `openfx.` prefix: the function's source
+folder and handler (how an embedded gateway starts it without an image), its
+timeout and its in-flight limit. A KETI gateway stores annotations and ignores
+them, so the same request deploys there too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from openfx.config import NAME_RE, FunctionSpec
+from openfx.errors import InvokeError
+from openfx.pb import fxgateway_pb2 as gpb
+
+SOURCE = "openfx.source"
+HANDLER_FILE = "openfx.handler.file"
+HANDLER_NAME = "openfx.handler.name"
+TIMEOUT = "openfx.timeout"
+MAX_INFLIGHT = "openfx.max_inflight"
+MAX_REQUEST_BYTES = "openfx.max_request_bytes"
+
+
+def to_request(name: str, spec: FunctionSpec) -> gpb.CreateFunctionRequest:
+    annotations = {
+        SOURCE: str(spec.handler_dir),
+        HANDLER_FILE: spec.handler.file,
+        HANDLER_NAME: spec.handler.name,
+        TIMEOUT: repr(spec.timeout),
+        MAX_INFLIGHT: str(spec.max_inflight),
+    }
+    if spec.max_request_bytes:
+        annotations[MAX_REQUEST_BYTES] = str(spec.max_request_bytes)
+    if spec.desc:
+        annotations["desc"] = spec.desc
+    if spec.maintainer:
+        annotations["maintainer"] = spec.maintainer
+    return gpb.CreateFunctionRequest(
+        Service=name,
+        Image=spec.image or name,
+        EnvVars=spec.environment,
+        Labels=spec.labels,
+        Annotations=annotations,
+        Constraints=spec.constraints,
+        Secrets=spec.secrets,
+        RegistryAuth=spec.registry_auth,
+        Limits=gpb.FunctionResources(Memory=spec.limits.memory, CPU=spec.limits.cpu, GPU=spec.limits.gpu),
+        Requests=gpb.FunctionResources(
+            Memory=spec.requests.memory, CPU=spec.requests.cpu, GPU=spec.requests.gpu
+        ),
+        MinReplicas=spec.replicas,
+        MaxReplicas=max(spec.max_replicas or spec.replicas, spec.replicas, 1),
+    )
+
+
+@dataclass
+class FunctionDef:
+    """A deployed function as the gateway keeps it."""
+
+    name: str
+    image: str
+    handler_dir: Path | None
+    handler_file: str = "handler.py"
+    handler_name: str = "Handler"
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    timeout: float = 30.0
+    max_inflight: int = 100
+    replicas: int = 1
+    max_request_bytes: int = 0  # 0: only the gateway-wide message limit
+    max_replicas: int = 1
+    limits: dict[str, str] = field(default_factory=dict)
+    requests: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_request(cls, req: gpb.CreateFunctionRequest) -> FunctionDef:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if not NAME_RE.match(req.Service):
+            raise InvokeError(
+                bad, f"invalid function name {req.Service!r}: use lower-case letters, digits and '-'"
+            )
+        ann = dict(req.Annotations)
+        try:
+            timeout = float(ann.get(TIMEOUT, "30"))
+            max_inflight = int(ann.get(MAX_INFLIGHT, "100"))
+            max_request_bytes = int(ann.get(MAX_REQUEST_BYTES, "0"))
+        except ValueError as exc:
+            raise InvokeError(bad, f"bad annotation: {exc}") from None
+        if timeout <= 0 or max_inflight < 1 or max_request_bytes < 0:
+            raise InvokeError(bad, f"{TIMEOUT} must be > 0 and {MAX_INFLIGHT} >= 1")
+        if req.MinReplicas < 0:
+            raise InvokeError(bad, "MinReplicas must be >= 0")
+        source = ann.get(SOURCE)
+        return cls(
+            name=req.Service,
+            image=req.Image,
+            handler_dir=Path(source) if source else None,
+            handler_file=ann.get(HANDLER_FILE, "handler.py"),
+            handler_name=ann.get(HANDLER_NAME, "Handler"),
+            env=dict(req.EnvVars),
+            labels=dict(req.Labels),
+            annotations=ann,
+            timeout=timeout,
+            max_inflight=max_inflight,
+            max_request_bytes=max_request_bytes,
+            replicas=req.MinReplicas if req.MinReplicas or req.MaxReplicas else 1,
+            max_replicas=max(req.MaxReplicas, req.MinReplicas, 1),
+            limits={"memory": req.Limits.Memory, "cpu": req.Limits.CPU, "gpu": req.Limits.GPU},
+            requests={"memory": req.Requests.Memory, "cpu": req.Requests.CPU, "gpu": req.Requests.GPU},
+        )

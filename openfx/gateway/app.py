@@ -1,0 +1,271 @@
+"""Assembles the gateway: backend + invocation core + gRPC and HTTP front ends, in one event loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from openfx.config import StackFile
+from openfx.deployment import FunctionDef, to_request
+from openfx.gateway.auth import AuthInterceptor, TokenStore, is_loopback
+from openfx.gateway.embedded import EmbeddedBackend
+from openfx.gateway.grpc_api import GatewayServicer
+from openfx.gateway.http_api import build_app
+from openfx.gateway.invoker import Invoker
+from openfx.gateway.management import Management
+from openfx.gateway.metrics import GatewayMetrics
+from openfx.pb import fxgateway_pb2 as gpb
+from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
+
+log = logging.getLogger("openfx.gateway")
+
+
+@dataclass
+class GatewaySettings:
+    grpc_address: str = "127.0.0.1:31113"
+    http_address: str = "127.0.0.1:31114"
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_seconds: float = 10.0
+    ready_timeout: float = 120.0
+    max_streams: int = 256  # open Invokes streams, all functions together
+    http_body_timeout: float = 30.0  # a client slower than this sending its body gets 408
+    tokens_file: str | None = None  # else OPENFX_TOKENS_FILE / OPENFX_ADMIN_TOKEN / OPENFX_INVOKE_TOKEN
+    allow_unauthenticated: bool = False  # needed to run without tokens on a non-loopback address
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set to require client certificates (mutual TLS)
+    backend: str = "embedded"  # or "kubernetes": functions are Deployments in `namespace`
+    namespace: str = "openfx-fn"
+    function_address: str = "dns:///{name}.{namespace}.svc.cluster.local:50051"
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's flags (each also read from an environment variable), shared by
+    `python -m openfx.gateway` and `python -m openfx.platform`."""
+    d = GatewaySettings()
+    env = os.environ.get
+    parser.add_argument("--grpc", default=env("OPENFX_GRPC_ADDR", d.grpc_address), help="gRPC listen address")
+    parser.add_argument("--http", default=env("OPENFX_HTTP_ADDR", d.http_address), help="HTTP listen address")
+    parser.add_argument(
+        "--max-message-bytes", type=int, default=int(env("OPENFX_MAX_MESSAGE_BYTES", d.max_message_bytes))
+    )
+    parser.add_argument("--max-streams", type=int, default=int(env("OPENFX_MAX_STREAMS", d.max_streams)))
+    parser.add_argument(
+        "--http-body-timeout", type=float, default=float(env("OPENFX_HTTP_BODY_TIMEOUT", d.http_body_timeout))
+    )
+    parser.add_argument(
+        "--tokens-file", default=env("OPENFX_TOKENS_FILE"), help="bearer tokens and scopes (YAML)"
+    )
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=env("OPENFX_ALLOW_UNAUTHENTICATED") == "1",
+        help="serve without tokens on a non-loopback address (not recommended)",
+    )
+    parser.add_argument(
+        "--tls-cert", default=env("OPENFX_TLS_CERT"), help="TLS certificate (PEM) for both listeners"
+    )
+    parser.add_argument("--tls-key", default=env("OPENFX_TLS_KEY"), help="TLS private key (PEM)")
+    parser.add_argument(
+        "--tls-client-ca", default=env("OPENFX_TLS_CLIENT_CA"), help="require client certificates"
+    )
+    parser.add_argument(
+        "--backend", choices=["embedded", "kubernetes"], default=env("OPENFX_BACKEND", d.backend)
+    )
+    parser.add_argument(
+        "--namespace", default=env("FUNCTION_NAMESPACE", d.namespace), help="kubernetes backend"
+    )
+    parser.add_argument(
+        "--function-address",
+        default=env("OPENFX_FUNCTION_ADDRESS", d.function_address),
+        help="kubernetes backend: where a function's pods answer ({name}, {namespace})",
+    )
+
+
+def settings_from(args: argparse.Namespace) -> GatewaySettings:
+    return GatewaySettings(
+        grpc_address=args.grpc,
+        http_address=args.http,
+        max_message_bytes=args.max_message_bytes,
+        max_streams=args.max_streams,
+        http_body_timeout=args.http_body_timeout,
+        tokens_file=args.tokens_file,
+        allow_unauthenticated=args.allow_unauthenticated,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        backend=args.backend,
+        namespace=args.namespace,
+        function_address=args.function_address,
+    )
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address must be host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, stack: StackFile | None = None) -> None:
+        self.settings = settings
+        self.stack = stack
+        self.run_dir = Path(tempfile.mkdtemp(prefix="openfx-"))
+        self.metrics = GatewayMetrics()
+        self.backend = self._make_backend()
+        self.backend.on_gauge = self.metrics.set_replicas
+        self.invoker = Invoker(self.backend, self.metrics, max_streams=settings.max_streams)
+        self.tokens = TokenStore.from_environment(settings.tokens_file)
+        self.manage = Management(self.backend, self.invoker, settings.http_address)
+        self.grpc_server: grpc.aio.Server | None = None
+        self.http_runner: web.AppRunner | None = None
+        self.health = health.aio.HealthServicer()
+
+    def _make_backend(self):  # type: ignore[no-untyped-def]
+        s = self.settings
+        if s.backend == "kubernetes":
+            from openfx.gateway.kubernetes import KubernetesBackend
+
+            return KubernetesBackend(s.namespace, s.function_address, s.max_message_bytes)
+        if s.backend != "embedded":
+            raise ValueError(f"unknown backend {s.backend!r}: use embedded or kubernetes")
+        return EmbeddedBackend(self.run_dir, s.max_message_bytes, s.grace_seconds)
+
+    def _check_exposure(self) -> None:
+        s = self.settings
+        loopback = is_loopback(s.grpc_address) and is_loopback(s.http_address)
+        if not self.tokens.enabled and not loopback and not s.allow_unauthenticated:
+            raise OSError(
+                f"refusing to serve {s.grpc_address} / {s.http_address} without authentication: "
+                "configure tokens "
+                "(OPENFX_TOKENS_FILE, OPENFX_ADMIN_TOKEN) or pass --allow-unauthenticated"
+            )
+        if bool(s.tls_cert) != bool(s.tls_key):
+            raise OSError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+
+    def _server_credentials(self) -> grpc.ServerCredentials:
+        s = self.settings
+        key, cert = Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes()  # type: ignore[arg-type]
+        client_ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        s = self.settings
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(s.tls_cert, s.tls_key)  # type: ignore[arg-type]
+        if s.tls_client_ca:
+            context.load_verify_locations(s.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    async def start(self) -> None:
+        s = self.settings
+        self._check_exposure()
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+        ]
+        interceptors = (
+            [AuthInterceptor(self.tokens, self.metrics.auth_rejected)] if self.tokens.enabled else []
+        )
+        server = grpc.aio.server(options=options, interceptors=interceptors)
+        servicer = GatewayServicer(self.manage)
+        gpb_grpc.add_FxGatewayServicer_to_server(servicer, server)
+        gpb_grpc.add_GatewayServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = [gpb.DESCRIPTOR.services_by_name[n].full_name for n in ("FxGateway", "Gateway")]
+        reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        try:
+            if s.tls:
+                server.add_secure_port(s.grpc_address, self._server_credentials())
+            else:
+                server.add_insecure_port(s.grpc_address)
+        except (RuntimeError, OSError) as exc:
+            raise OSError(f"cannot listen on {s.grpc_address} for gRPC (in use?): {exc}") from None
+        await server.start()
+        self.grpc_server = server
+
+        app = build_app(self.manage, self.metrics, s.max_message_bytes, self.tokens, s.http_body_timeout)
+        self.http_runner = web.AppRunner(app, access_log=None, shutdown_timeout=s.grace_seconds)
+        await self.http_runner.setup()
+        host, port = split_host_port(s.http_address)
+        ssl_context = self._ssl_context() if s.tls else None
+        await web.TCPSite(self.http_runner, host, port, ssl_context=ssl_context).start()
+
+        await self.backend.start()
+        if self.stack is not None and self.backend.mode == "embedded":
+            for name, spec in self.stack.functions.items():
+                await self.backend.deploy(FunctionDef.from_request(to_request(name, spec)))
+        for service in ("", "pb.FxGateway", "pb.Gateway"):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def wait_ready(self) -> list[str]:
+        return await self.backend.wait_ready(self.settings.ready_timeout)
+
+    async def stop(self) -> None:
+        """Drain: refuse new calls, let the ones in flight (and open streams) finish, stop functions."""
+        for service in ("", "pb.FxGateway", "pb.Gateway"):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(self.settings.grace_seconds)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        await self.backend.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+async def serve(settings: GatewaySettings, stack: StackFile | None, announce: bool = True) -> None:
+    """Run the gateway until SIGTERM or SIGINT."""
+    gateway = Gateway(settings, stack)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+    except OSError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        await gateway.stop()
+        raise SystemExit(1) from None
+    if announce:
+        waiter = loop.create_task(gateway.wait_ready())
+        done, _ = await asyncio.wait(
+            {waiter, loop.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if waiter in done:
+            not_ready = waiter.result()
+            names = ", ".join(gateway.backend.functions) or "none"
+            print(
+                f"gateway: ready on grpc {settings.grpc_address}, http http://{settings.http_address} "
+                f"(functions: {names})" + (f"; NOT ready: {', '.join(not_ready)}" if not_ready else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            waiter.cancel()
+    await stop.wait()
+    print("gateway: stopping (draining in-flight calls)", file=sys.stderr, flush=True)
+    with contextlib.suppress(Exception):
+        await gateway.stop()

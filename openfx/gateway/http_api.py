@@ -1,0 +1,163 @@
+"""HTTP trigger and REST routes (OpenFx's grpc-gateway paths), on the same core as gRPC.
+
+`/function/<name>` takes the raw body and answers the raw result, binary-safe and
+without the newline OpenFx appended. Errors are one line of text with the status
+mapped from the gRPC code; the REST routes answer JSON like grpc-gateway did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message as ProtoMessage
+
+from openfx.config import NAME_RE
+from openfx.errors import InvokeError
+from openfx.gateway.auth import AuthError, TokenStore, http_scope
+from openfx.gateway.management import Management
+from openfx.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from openfx.pb import fxgateway_pb2 as gpb
+
+OPENAPI = Path(__file__).with_name("openapi.yaml")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _text(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message.rstrip("\n") + "\n")
+
+
+def _json_error(exc: InvokeError) -> web.Response:
+    body = {"code": exc.code.value[0], "message": exc.message, "details": []}
+    return web.json_response(body, status=exc.http)
+
+
+def _proto_json(message: ProtoMessage) -> web.Response:
+    if isinstance(message, gpb.Message):
+        body: Any = {"Msg": message.Msg.decode("utf-8", "replace")}
+    else:
+        body = json_format.MessageToDict(
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    return web.json_response(body)
+
+
+async def _parse(request: web.Request, message: ProtoMessage) -> ProtoMessage:
+    try:
+        json_format.Parse(await request.text() or "{}", message)
+    except (json_format.ParseError, UnicodeDecodeError) as exc:
+        raise InvokeError(grpc.StatusCode.INVALID_ARGUMENT, f"bad JSON body: {exc}") from None
+    return message
+
+
+def build_app(
+    manage: Management,
+    metrics: GatewayMetrics,
+    max_body: int,
+    tokens: TokenStore | None = None,
+    body_timeout: float = 30.0,
+) -> web.Application:
+    invoker = manage.invoker
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        scope = http_scope(request.method, request.path)
+        if scope is not None and tokens is not None and tokens.enabled:
+            try:
+                tokens.check(request.headers.get("Authorization"), scope)
+            except AuthError as exc:
+                metrics.auth_rejected(exc)
+                headers = {"WWW-Authenticate": "Bearer"} if exc.http == 401 else {}
+                return web.Response(status=exc.http, text=exc.message + "\n", headers=headers)
+        return await handler(request)
+
+    app = web.Application(client_max_size=max_body, middlewares=[authenticate])
+
+    async def invoke(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if not NAME_RE.match(name):
+            return _text(400, f"invalid function name {name!r}")
+        try:
+            body = await asyncio.wait_for(request.read(), body_timeout)
+        except web.HTTPRequestEntityTooLarge:
+            metrics.observe(name, 413, 0.0)
+            return _text(413, f"request body over the limit of {max_body} bytes")
+        except TimeoutError:
+            metrics.observe(name, 408, 0.0)
+            return _text(408, f"request body not received within {body_timeout:g}s")
+        try:
+            output = await invoker.invoke(name, body, "http")
+        except InvokeError as exc:
+            return _text(exc.http, exc.message)
+        return web.Response(body=output, content_type="application/octet-stream")
+
+    def rest(call: Callable[[web.Request], Awaitable[ProtoMessage]]) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                return _proto_json(await call(request))
+            except InvokeError as exc:
+                return _json_error(exc)
+
+        return handler
+
+    async def list_functions(request: web.Request) -> ProtoMessage:
+        return await manage.list()
+
+    async def deploy(request: web.Request) -> ProtoMessage:
+        return await manage.deploy(await _parse(request, gpb.CreateFunctionRequest()))
+
+    async def update(request: web.Request) -> ProtoMessage:
+        return await manage.update(await _parse(request, gpb.CreateFunctionRequest()))
+
+    async def get_meta(request: web.Request) -> ProtoMessage:
+        return await manage.get_meta(request.match_info["name"])
+
+    async def delete(request: web.Request) -> ProtoMessage:
+        return await manage.delete(request.match_info["name"])
+
+    async def scale(request: web.Request) -> ProtoMessage:
+        req = await _parse(request, gpb.ScaleServiceRequest())
+        return await manage.scale(req.ServiceName, req.Replicas)
+
+    async def info(request: web.Request) -> ProtoMessage:
+        return gpb.Message(Msg=manage.info().encode())
+
+    async def get_log(request: web.Request) -> web.StreamResponse:
+        try:
+            message = await manage.get_log(request.match_info["name"])
+        except InvokeError as exc:
+            return _text(exc.http, exc.message)
+        return web.Response(body=message.Msg, content_type="text/plain")
+
+    async def healthz(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="OK")
+
+    async def openapi(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=OPENAPI.read_bytes(), content_type="application/yaml")
+
+    async def prometheus(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_route("GET", "/function/{name}", invoke)
+    app.router.add_route("POST", "/function/{name}", invoke)
+    app.router.add_route("GET", "/function/{name}/", invoke)
+    app.router.add_route("POST", "/function/{name}/", invoke)
+    app.router.add_get("/system/functions", rest(list_functions))
+    app.router.add_post("/system/functions", rest(deploy))
+    app.router.add_put("/system/functions", rest(update))
+    app.router.add_get("/system/function/{name}", rest(get_meta))
+    app.router.add_delete("/system/function/{name}", rest(delete))
+    app.router.add_get("/system/function-log/{name}", get_log)
+    app.router.add_put("/system/scale-function", rest(scale))
+    app.router.add_get("/system/info", rest(info))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/openapi.yaml", openapi)
+    app["started"] = time.time()
+    return app

@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs (scripts/gen-proto); never edit by hand."""

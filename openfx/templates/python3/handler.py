@@ -1,0 +1,11 @@
+def Handler(req):
+    """Called once per request.
+
+    req.input is the request body (bytes); req.info.FunctionName and
+    req.info.Trigger.Name ("grpc", "http" or "mqtt") say who called.
+    Return str, bytes or None. Raise ValueError for bad input (the caller gets
+    INVALID_ARGUMENT / HTTP 400); any other exception is INTERNAL / HTTP 500.
+    For one-time set-up (loading a model), write `class Handler` with
+    `__init__(self)` and `__call__(self, req)` instead.
+    """
+    return b"Hello from OpenFx: " + req.input

@@ -1,0 +1,54 @@
+"""`python -m openfx.watcher`: run one function (configured by environment, as in OpenFx)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import uvloop
+
+from openfx.watcher.server import WatcherSettings, serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m openfx.watcher", description=__doc__)
+    parser.add_argument("--handler", help="handler file (env HANDLER_FILE)")
+    parser.add_argument("--name", help="handler name (env HANDLER_NAME, default Handler)")
+    parser.add_argument(
+        "--addr", help="gRPC listen address (env WATCHER_ADDR, default 0.0.0.0:$WATCHER_PORT)"
+    )
+    args = parser.parse_args(argv)
+    settings = WatcherSettings.from_env()
+    if args.handler:
+        settings.handler_file = args.handler
+    if args.name:
+        settings.handler_name = args.name
+    if args.addr:
+        settings.address = args.addr
+    # one line per event, function name first (the embedded gateway adds "name[replica]: " itself)
+    prefix = "" if os.environ.get("WATCHER_LOG_PREFIX") == "0" else f"{settings.function_name or 'watcher'}: "
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"), format=prefix + "%(message)s", stream=sys.stderr
+    )
+    if os.environ.get("OPENFX_DIE_WITH_PARENT"):
+        _die_with_parent()
+    uvloop.run(serve(settings))
+
+
+def _die_with_parent() -> None:
+    """Under the embedded gateway: get SIGTERM when the gateway dies, even by SIGKILL (no orphans)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    main()

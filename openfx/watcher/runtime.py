@@ -1,0 +1,58 @@
+"""The one place a request meets the user's handler (both gRPC and the framed hop call it).
+
+Turns the handler's return value into bytes and its exceptions into statuses:
+`ValueError` (including `UnicodeDecodeError`) means bad input, `InvokeError`
+carries its own code, anything else is INTERNAL. The process keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import grpc
+
+from openfx.errors import InvokeError
+from openfx.pb import fxwatcher_pb2 as wpb
+from openfx.watcher.loader import HandlerFn
+
+log = logging.getLogger("openfx.watcher")
+
+
+def to_bytes(result: object) -> bytes:
+    if result is None:
+        return b""
+    if isinstance(result, bytes):
+        return result
+    if isinstance(result, (bytearray, memoryview)):
+        return bytes(result)
+    if isinstance(result, str):
+        return result.encode("utf-8")
+    raise InvokeError(
+        grpc.StatusCode.INTERNAL,
+        f"handler returned {type(result).__name__}; return str, bytes or None",
+    )
+
+
+class FunctionRuntime:
+    """Calls the handler; never raises anything but `InvokeError`."""
+
+    def __init__(self, name: str, handler: HandlerFn) -> None:
+        self.name = name
+        self.handler = handler
+
+    def invoke(self, request: wpb.Request) -> bytes:
+        try:
+            return to_bytes(self.handler(request))
+        except InvokeError:
+            raise
+        except ValueError as exc:
+            raise InvokeError(grpc.StatusCode.INVALID_ARGUMENT, _one_line(exc)) from exc
+        except Exception as exc:
+            log.error("handler raised %s", "".join(traceback.format_exception(exc)).rstrip())
+            raise InvokeError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())[:500]

@@ -1,0 +1,138 @@
+"""`openfx-cli` as a user types it: real subprocesses against a real gateway."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT, RunningGateway, free_port
+from tests.mqtt_helpers import Device
+
+CLI = str(Path(sys.executable).parent / "openfx-cli")
+
+
+def cli(
+    *args: str, stdin: bytes = b"", cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [CLI, *args],
+        input=stdin,
+        capture_output=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_version_and_runtimes() -> None:
+    assert cli("version").stdout == b"Version: 0.1.0\n"
+    assert b"python3" in cli("runtime", "list").stdout.split()
+
+
+def test_fn_call_reads_stdin_writes_raw_result(gateway: RunningGateway) -> None:
+    out = cli("fn", "call", "echo", "-g", gateway.grpc_address, stdin=b"hi\n")
+    assert out.returncode == 0 and out.stdout == b"hi\n"
+    out = cli("function", "invoke", "binary", stdin=b"", env={"OPENFX_URL": gateway.grpc_address})
+    assert out.stdout == bytes(range(256))
+
+
+def test_friendly_errors(gateway: RunningGateway, tmp_path: Path) -> None:
+    out = cli("fn", "call", "nope", "-g", gateway.grpc_address)
+    assert out.returncode == 1
+    assert out.stderr.decode().strip() == (
+        "Error: function 'nope' not found ('openfx-cli fn list' shows what is deployed)"
+    )
+    out = cli("fn", "call", "echo", "-g", f"127.0.0.1:{free_port()}", stdin=b"x")
+    assert out.returncode == 1 and b"cannot reach the gateway" in out.stderr
+    assert out.stderr.count(b"\n") == 1
+    bad = tmp_path / "config.yaml"
+    bad.write_text("functions:\n  x:\n    imagee: y\n")
+    out = cli("fn", "deploy", "-f", str(bad), "-g", gateway.grpc_address)
+    assert out.returncode == 1 and f"{bad}: unknown key 'imagee'".encode() in out.stderr
+    out = cli("fn", "call", "fail", "-g", gateway.grpc_address, stdin=b"bad")
+    assert out.returncode == 1 and b"INVALID_ARGUMENT: input must not be 'bad'" in out.stderr
+
+
+def test_list_info_log(gateway: RunningGateway) -> None:
+    cli("fn", "call", "printer", "-g", gateway.grpc_address, stdin=b"abc")
+    listing = cli("fn", "list", "-g", gateway.grpc_address).stdout.decode()
+    rows = {line.split()[0]: line for line in listing.splitlines()[1:] if line.strip()}
+    assert "Ready" in rows["echo"] and "Returns its input" in rows["echo"]
+    assert "Error" in rows["badimport"] or "Not Ready" in rows["badimport"]
+    info = yaml.safe_load(cli("fn", "info", "echo", "-g", gateway.grpc_address).stdout)
+    assert info["name"] == "echo" and info["availablereplicas"] == 1
+    log = cli("fn", "log", "printer", "-g", gateway.grpc_address).stdout
+    assert b"printer got 3 bytes" in log
+
+
+def test_init_run_deploy_call_delete(gateway: RunningGateway, tmp_path: Path) -> None:
+    out = cli("fn", "init", "hello", "--runtime", "python3", cwd=tmp_path)
+    assert out.returncode == 0 and b"Config file written" in out.stdout
+    config = tmp_path / "hello" / "config.yaml"
+    assert (tmp_path / "hello/src/handler.py").exists()
+    out = cli("fn", "run", "-f", str(config), stdin=b"x", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout == b"Hello from OpenFx: x", out.stderr
+    out = cli("fn", "deploy", "-f", str(config), "-g", gateway.grpc_address, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"http trigger url: {gateway.http_url}/function/hello".encode() in out.stdout
+    assert (
+        cli("fn", "call", "hello", "-g", gateway.grpc_address, stdin=b"y").stdout == b"Hello from OpenFx: y"
+    )
+    out = cli("fn", "deploy", "-f", str(config), "-g", gateway.grpc_address, cwd=tmp_path)
+    assert b"already exists, attempting rolling-update" in out.stdout
+    assert cli("fn", "rm", "hello", "-g", gateway.grpc_address).returncode == 0
+    assert cli("fn", "call", "hello", "-g", gateway.grpc_address).returncode == 1
+
+
+def test_build_renders_context_without_docker_engine(tmp_path: Path) -> None:
+    out = cli("fn", "build", "-f", str(ROOT / "functions/echo/config.yaml"), "-o", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    context = tmp_path / "echo"
+    for item in (
+        "Dockerfile",
+        "watcher-requirements.txt",
+        "function/src/handler.py",
+        "function/requirements.txt",
+        "openfx/watcher/server.py",
+        "openfx/pb/fxwatcher_pb2.py",
+    ):
+        assert (context / item).exists(), item
+    assert not (context / "openfx/gateway").exists()
+    assert b"docker build -t localhost:5000/openfx/echo" in out.stdout
+
+
+def test_up_detached_and_down(tmp_path: Path) -> None:
+    """The whole embedded platform: gateway + functions + mosquitto + bridge, then down."""
+    stack = tmp_path / "openfx.yaml"
+    mqtt_port = free_port()
+    stack.write_text(
+        f"include: [{ROOT}/functions/echo/config.yaml]\n"
+        f"mqtt: {{port: {mqtt_port}, persistence: false, bridge: {ROOT}/broker/bridge.yaml}}\n"
+    )
+    grpc_address, http_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {"OPENFX_HOME": str(tmp_path / "state")}
+    out = cli("up", "-d", "-f", str(stack), "--grpc", grpc_address, "--http", http_address, env=env)
+    try:
+        assert out.returncode == 0, out.stderr
+        assert b"OpenFx is up" in out.stdout
+        assert cli("fn", "call", "echo", "-g", grpc_address, stdin=b"hi").stdout == b"hi"
+        device = Device(mqtt_port, ["fn/echo/reply"])
+        try:
+            device.request("fn/echo", b"over mqtt")
+            assert device.next().payload == b"over mqtt"
+        finally:
+            device.close()
+        again = cli("up", "-d", "-f", str(stack), "--grpc", grpc_address, "--http", http_address, env=env)
+        assert again.returncode == 1 and b"already running" in again.stderr
+    finally:
+        down = cli("down", "-f", str(stack), env=env)
+    assert down.returncode == 0 and down.stdout == b"OpenFx is down.\n"
+    assert cli("fn", "call", "echo", "-g", grpc_address, stdin=b"hi").returncode == 1
+    assert cli("down", "-f", str(stack), env=env).returncode == 1
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", mqtt_port)) != 0  # the broker stopped too

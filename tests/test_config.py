@@ -1,0 +1,90 @@
+"""Config and stack files: the openfx-cli schema, our additions, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from openfx.config import ConfigError, load_stack
+from tests.conftest import ROOT
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_repo_stack_lists_the_collection() -> None:
+    stack = load_stack(ROOT / "openfx.yaml")
+    assert "echo" in stack.functions
+    echo = stack.functions["echo"]
+    assert echo.handler_file == ROOT / "functions/echo/src/handler.py"
+    assert stack.openfx.gateway == "127.0.0.1:31113"
+
+
+def test_openfx_cli_format_with_additions(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+functions:
+  hello:
+    runtime: python3
+    desc: ""
+    maintainer: ""
+    handler: {dir: ./src, file: handler.py, name: Handler}
+    docker_registry: 10.0.0.255:5000/openfx
+    constraints: [nodetype=cpunode]
+    environment: {A: 1, B: null}
+    limits: {memory: "", cpu: "", gpu: ""}
+    requests: {memory: 50Mi, cpu: 50m, gpu: ""}
+    timeout: 500ms
+    max_inflight: 4
+openfx:
+  gateway: 10.0.0.183:31113
+""",
+    )
+    fn = load_stack(path).functions["hello"]
+    assert fn.image == "10.0.0.255:5000/openfx/hello"
+    assert fn.environment == {"A": "1", "B": ""}
+    assert fn.timeout == 0.5 and fn.max_inflight == 4 and fn.replicas == 1
+    assert fn.handler_dir == tmp_path / "src"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("functions:\n  a:\n    runtme: python3\n", "unknown key 'runtme'"),
+        ("functions:\n  a:\n    handler: {dirr: x}\n", "unknown key 'handler.dirr'"),
+        ("functions:\n  a:\n    timeout: soon\n", "'timeout'"),
+        ("functions:\n  a:\n    max_inflight: 0\n", "'max_inflight'"),
+        ("functions:\n  Bad_Name: {}\n", "function name 'Bad_Name'"),
+        ("functions: [\n", "not valid YAML"),
+        ("- a\n", "expected a mapping"),
+        ("gatway: x\n", "unknown key 'gatway'"),
+        ("include: [nothing/*.yaml]\n", "matches no file"),
+    ],
+)
+def test_bad_config_is_one_line_naming_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_stack(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_stack(tmp_path / "nope.yaml")
+
+
+def test_include_then_override_environment(tmp_path: Path) -> None:
+    (tmp_path / "fn").mkdir()
+    write(tmp_path / "fn", "functions:\n  f:\n    environment: {A: '1', B: '2'}\n    timeout: 5\n")
+    stack = write(
+        tmp_path, "include: [fn/config.yaml]\nfunctions:\n  f:\n    environment: {B: '3'}\n", "stack.yaml"
+    )
+    fn = load_stack(stack).functions["f"]
+    assert fn.environment == {"A": "1", "B": "3"} and fn.timeout == 5
+    assert fn.handler_dir == tmp_path / "fn" / "src"  # relative to the included file

@@ -1,0 +1,163 @@
+"""End to end through a real gateway and real watcher processes: invoking over gRPC and HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import requests
+
+from openfx.pb import fxgateway_pb2 as gpb
+from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
+from tests.conftest import FIXTURES, MiB, RunningGateway
+
+
+def invoke(gw: RunningGateway, name: str, data: bytes, timeout: float = 10) -> bytes:
+    return gw.stub().Invoke(gpb.InvokeServiceRequest(Service=name, Input=data), timeout=timeout).Msg
+
+
+def invoke_error(gw: RunningGateway, name: str, data: bytes) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        invoke(gw, name, data)
+    return info.value
+
+
+def test_grpc_invoke_is_binary_safe(gateway: RunningGateway) -> None:
+    payload = bytes(range(256)) * 3
+    assert invoke(gateway, "echo", payload) == payload
+    assert invoke(gateway, "binary", b"!") == bytes(range(256)) + b"!"
+
+
+def test_http_trigger_is_binary_safe_and_adds_no_newline(gateway: RunningGateway) -> None:
+    payload = b"\x00\xff\xfe hi"
+    r = requests.post(f"{gateway.http_url}/function/echo", data=payload, timeout=10)
+    assert r.status_code == 200 and r.content == payload
+    assert requests.get(f"{gateway.http_url}/function/echo/", timeout=10).content == b""
+
+
+def test_invokes_stream_on_both_service_names(gateway: RunningGateway) -> None:
+    channel = gateway.channel()
+    for stub in (gpb_grpc.FxGatewayStub(channel), gpb_grpc.GatewayStub(channel)):
+        frames = [bytes([i]) * (i + 1) for i in range(50)]
+        replies = stub.Invokes(
+            iter(gpb.InvokeServiceRequest(Service="echo", Input=f) for f in frames), timeout=30
+        )
+        assert [m.Output for m in replies] == frames
+
+
+def test_request_info_reaches_the_handler(gateway: RunningGateway) -> None:
+    assert invoke(gateway, "info", b"") == b"info|grpc||True"
+    assert requests.post(f"{gateway.http_url}/function/info", timeout=10).content == b"info|http||True"
+
+
+def test_class_handler_is_instantiated_once(gateway: RunningGateway) -> None:
+    first = int(invoke(gateway, "cls", b"a").split(b":")[0])
+    second = invoke(gateway, "cls", b"b")
+    assert second == f"{first + 1}:b".encode()
+
+
+def test_unknown_function_is_not_found(gateway: RunningGateway) -> None:
+    assert invoke_error(gateway, "nope", b"").code() == grpc.StatusCode.NOT_FOUND
+    r = requests.post(f"{gateway.http_url}/function/nope", data=b"x", timeout=10)
+    assert r.status_code == 404 and "nope" in r.text and r.text.count("\n") == 1
+    assert requests.post(f"{gateway.http_url}/function/Bad_Name", timeout=10).status_code == 400
+
+
+def test_handler_errors_become_statuses_and_the_process_survives(gateway: RunningGateway) -> None:
+    err = invoke_error(gateway, "fail", b"bad")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "must not be 'bad'" in err.details()
+    err = invoke_error(gateway, "fail", b"boom")
+    assert err.code() == grpc.StatusCode.INTERNAL and "RuntimeError: something broke inside" in err.details()
+    err = invoke_error(gateway, "fail", b"int")
+    assert err.code() == grpc.StatusCode.INTERNAL and "return str, bytes or None" in err.details()
+    assert requests.post(f"{gateway.http_url}/function/fail", data=b"bad", timeout=10).status_code == 400
+    assert requests.post(f"{gateway.http_url}/function/fail", data=b"x", timeout=10).status_code == 500
+    meta = gateway.stub().GetMeta(gpb.FunctionRequest(FunctionName="fail"), timeout=5)
+    assert meta.AvailableReplicas == 1  # still the same healthy process
+
+
+def test_timeout_is_deadline_exceeded(gateway: RunningGateway) -> None:
+    started = time.monotonic()
+    err = invoke_error(gateway, "sleeper", b"3")
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "timed out after 1s" in err.details()
+    assert time.monotonic() - started < 2.5
+    r = requests.post(f"{gateway.http_url}/function/sleeper", data=b"3", timeout=10)
+    assert r.status_code == 504
+
+
+def test_caller_deadline_is_respected(gateway: RunningGateway) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        invoke(gateway, "sleeper", b"0.8", timeout=0.2)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_too_many_in_flight_is_resource_exhausted_not_queued(gateway: RunningGateway) -> None:
+    time.sleep(2.5)  # let earlier sleeper calls that timed out finish in the watcher's threads
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        slow = [pool.submit(invoke, gateway, "sleeper", b"0.7") for _ in range(2)]
+        time.sleep(0.2)
+        err = invoke_error(gateway, "sleeper", b"0")
+        r = requests.post(f"{gateway.http_url}/function/sleeper", data=b"0", timeout=10)
+        assert [f.result() for f in slow] == [b"slept 0.7"] * 2
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_inflight" in err.details()
+    assert r.status_code == 429
+
+
+def test_payload_limits(gateway: RunningGateway) -> None:
+    big = os.urandom(5 * MiB)  # over gRPC's 4 MiB default, under the gateway's 8 MiB
+    assert invoke(gateway, "echo", big, timeout=30) == big
+    assert requests.post(f"{gateway.http_url}/function/echo", data=big, timeout=30).content == big
+    err = invoke_error(gateway, "echo", os.urandom(9 * MiB))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    r = requests.post(f"{gateway.http_url}/function/echo", data=os.urandom(9 * MiB), timeout=30)
+    assert r.status_code == 413
+
+
+def test_metrics_count_every_path_with_real_codes(gateway: RunningGateway) -> None:
+    invoke(gateway, "printer", b"abc")
+    requests.post(f"{gateway.http_url}/function/printer", data=b"abc", timeout=10)
+    invoke_error(gateway, "fail", b"bad")
+    text = requests.get(f"{gateway.http_url}/metrics", timeout=10).text
+    ok = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('gateway_function_invocation_total{code="200",function_name="printer"}')
+    ]
+    assert ok and float(ok[0].split()[-1]) >= 2
+    assert 'gateway_function_invocation_total{code="400",function_name="fail"}' in text
+    assert 'gateway_function_invocation_total{code="404",function_name="nope"}' in text
+    assert 'gateway_service_count{function_name="echo"} 1.0' in text
+    assert "gateway_functions_seconds_bucket" in text
+
+
+def test_original_openfx_client_works_for_utf8_results(gateway: RunningGateway, tmp_path) -> None:
+    """Stubs generated from KETI OpenFx's own proto (Msg declared `string`) talk to our gateway."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{FIXTURES / 'openfx_original'}",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            "fxgateway.proto",
+        ],
+        check=True,
+    )
+    script = (
+        "import grpc, fxgateway_pb2 as pb, fxgateway_pb2_grpc as g\n"
+        f"s = g.FxGatewayStub(grpc.insecure_channel('{gateway.grpc_address}'))\n"
+        "print(s.Invoke(pb.InvokeServiceRequest(Service='echo', Input='héllo'.encode())).Msg)\n"
+        "print(s.HealthCheck(pb.Empty()).Msg)\n"
+        "print([f.Name for f in s.List(pb.Empty()).Functions if f.Name == 'echo'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["héllo", "OK", "['echo']"]

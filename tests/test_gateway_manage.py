@@ -1,0 +1,200 @@
+"""Management RPCs and process supervision, end to end (real gateway, real watcher processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+import pytest
+import requests
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from openfx.config import load_stack
+from openfx.deployment import to_request
+from openfx.pb import fxgateway_pb2 as gpb
+from tests.conftest import FIXTURES, RunningGateway
+
+
+def meta(gw: RunningGateway, name: str) -> gpb.Function:
+    return gw.stub().GetMeta(gpb.FunctionRequest(FunctionName=name), timeout=5)
+
+
+def call(gw: RunningGateway, name: str, data: bytes = b"") -> bytes:
+    return gw.stub().Invoke(gpb.InvokeServiceRequest(Service=name, Input=data), timeout=10).Msg
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def spec_request(name: str, folder: str, **overrides: object) -> gpb.CreateFunctionRequest:
+    stack = load_stack(FIXTURES / "stack.yaml")
+    spec = stack.functions[folder].model_copy(update=overrides)
+    return to_request(name, spec)
+
+
+def test_list_and_get_meta_report_counts_and_replicas(gateway: RunningGateway) -> None:
+    before = meta(gateway, "echo").InvocationCount
+    for _ in range(3):
+        call(gateway, "echo", b"x")
+    fn = meta(gateway, "echo")
+    assert fn.InvocationCount == before + 3
+    assert (fn.Replicas, fn.AvailableReplicas) == (1, 1)
+    assert fn.Image == "localhost:5000/openfx/echo"
+    names = {f.Name for f in gateway.stub().List(gpb.Empty(), timeout=5).Functions}
+    assert {"echo", "cls", "fail", "sleeper", "badimport"} <= names
+    body = requests.get(f"{gateway.http_url}/system/functions", timeout=5).json()
+    assert any(f["Name"] == "echo" and f["Replicas"] == "1" for f in body["Functions"])
+    r = requests.get(f"{gateway.http_url}/system/function/nope", timeout=5)
+    assert r.status_code == 404 and r.json()["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_info_and_healthcheck(gateway: RunningGateway) -> None:
+    stub = gateway.stub()
+    assert stub.HealthCheck(gpb.Empty(), timeout=5).Msg == b"OK"
+    info = yaml.safe_load(stub.Info(gpb.Empty(), timeout=5).Msg)
+    assert info["gateway"]["mode"] == "embedded" and info["runtime"]["grpcio"] == grpc.__version__
+    assert info["gateway"]["http"] == gateway.http_url.removeprefix("http://")
+    assert requests.get(f"{gateway.http_url}/healthz", timeout=5).text == "OK"
+    assert "embedded" in requests.get(f"{gateway.http_url}/system/info", timeout=5).json()["Msg"]
+
+
+def test_standard_health_and_reflection(gateway: RunningGateway) -> None:
+    channel = gateway.channel()
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="pb.FxGateway"), timeout=5).status == 1
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    services = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"pb.FxGateway", "pb.Gateway", "grpc.health.v1.Health"} <= services
+
+
+def test_get_log_returns_function_output(gateway: RunningGateway) -> None:
+    call(gateway, "printer", b"12345")
+
+    def log_with_print() -> str | None:
+        text = gateway.stub().GetLog(gpb.FunctionRequest(FunctionName="printer"), timeout=5).Msg.decode()
+        return text if "printer got 5 bytes" in text else None
+
+    text = wait_for(log_with_print, what="the print in the log")
+    assert "printer[0]: printer got 5 bytes" in text
+    r = requests.get(f"{gateway.http_url}/system/function-log/printer", timeout=5)
+    assert "printer got 5 bytes" in r.text
+
+
+def test_deploy_update_scale_delete(gateway: RunningGateway) -> None:
+    stub = gateway.stub()
+    request = spec_request("pid2", "pid")
+    assert stub.Deploy(request, timeout=30).Msg == b"OK"
+    with pytest.raises(grpc.RpcError) as dup:
+        stub.Deploy(request, timeout=30)
+    assert dup.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    wait_for(lambda: meta(gateway, "pid2").AvailableReplicas == 1, what="pid2 ready")
+    first_pid = call(gateway, "pid2")
+
+    # scale out: calls spread over both processes
+    stub.ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="pid2", Replicas=2), timeout=30)
+    wait_for(lambda: meta(gateway, "pid2").AvailableReplicas == 2, what="2 replicas")
+    pids = {call(gateway, "pid2") for _ in range(20)}
+    assert len(pids) == 2 and first_pid in pids
+
+    # update replaces the processes (new environment reaches them)
+    updated = spec_request("pid2", "pid", environment={"GREETING": "x"}, replicas=1)
+    stub.Update(updated, timeout=60)
+    wait_for(lambda: meta(gateway, "pid2").AvailableReplicas == 1, what="updated pid2")
+    assert call(gateway, "pid2") not in pids
+
+    # scale to zero: UNAVAILABLE, not a hang
+    stub.ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="pid2", Replicas=0), timeout=30)
+    with pytest.raises(grpc.RpcError) as zero:
+        call(gateway, "pid2")
+    assert zero.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    assert stub.Delete(gpb.DeleteFunctionRequest(FunctionName="pid2"), timeout=30).Msg == b"OK"
+    with pytest.raises(grpc.RpcError) as gone:
+        call(gateway, "pid2")
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    for rpc, req in ((stub.Delete, gpb.DeleteFunctionRequest(FunctionName="pid2")), (stub.Update, updated)):
+        with pytest.raises(grpc.RpcError) as missing:
+            rpc(req, timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_deploy_rejects_bad_requests(gateway: RunningGateway) -> None:
+    stub = gateway.stub()
+    cases = [
+        (gpb.CreateFunctionRequest(Service="Bad_Name"), grpc.StatusCode.INVALID_ARGUMENT),
+        (gpb.CreateFunctionRequest(Service="noimage", Image="x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (
+            gpb.CreateFunctionRequest(Service="t", Annotations={"openfx.timeout": "soon"}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ]
+    for request, code in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Deploy(request, timeout=10)
+        assert err.value.code() == code, err.value.details()
+    r = requests.post(f"{gateway.http_url}/system/functions", data=b"{not json", timeout=5)
+    assert r.status_code == 400 and "bad JSON" in r.json()["message"]
+
+
+def test_rest_deploy_and_scale(gateway: RunningGateway) -> None:
+    from google.protobuf import json_format
+
+    body = json_format.MessageToJson(spec_request("restecho", "pid"))
+    assert requests.post(f"{gateway.http_url}/system/functions", data=body, timeout=30).json() == {
+        "Msg": "OK"
+    }
+    wait_for(lambda: meta(gateway, "restecho").AvailableReplicas == 1, what="restecho ready")
+    r = requests.put(
+        f"{gateway.http_url}/system/scale-function",
+        json={"ServiceName": "restecho", "Replicas": "2"},
+        timeout=30,
+    )
+    assert r.status_code == 200
+    wait_for(lambda: meta(gateway, "restecho").AvailableReplicas == 2, what="2 replicas")
+    assert requests.delete(f"{gateway.http_url}/system/function/restecho", timeout=30).status_code == 200
+
+
+def test_killed_process_is_restarted_and_callers_get_unavailable(gateway: RunningGateway) -> None:
+    pid = int(call(gateway, "pid"))
+    os.kill(pid, signal.SIGKILL)
+    codes = set()
+    deadline = time.monotonic() + 30
+    new_pid = None
+    while time.monotonic() < deadline:
+        try:
+            new_pid = int(call(gateway, "pid"))
+            if new_pid != pid:
+                break
+        except grpc.RpcError as exc:
+            codes.add(exc.code())
+        time.sleep(0.02)
+    assert new_pid is not None and new_pid != pid
+    assert codes <= {grpc.StatusCode.UNAVAILABLE}
+    assert "pid[0]: process exited with code -9" in gateway.log()
+
+
+def test_handler_import_error_is_reported_and_others_keep_working(gateway: RunningGateway) -> None:
+    def failed() -> gpb.Function | None:
+        fn = meta(gateway, "badimport")
+        return fn if "openfx.error" in fn.Annotations else None
+
+    fn = wait_for(failed, what="the load error in GetMeta")
+    assert fn.AvailableReplicas == 0
+    with pytest.raises(grpc.RpcError) as err:
+        call(gateway, "badimport")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    logs = gateway.stub().GetLog(gpb.FunctionRequest(FunctionName="badimport"), timeout=5).Msg.decode()
+    assert "No module named 'module_that_does_not_exist'" in logs
+    assert call(gateway, "echo", b"still fine") == b"still fine"
