@@ -55,8 +55,14 @@ def test_runtime_maps_results_and_exceptions() -> None:
     with pytest.raises(InvokeError) as err:
         utf8.invoke(wpb.Request(input=b"\xff"))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT  # UnicodeDecodeError is bad input
-    assert FunctionRuntime("n", lambda req: None).invoke(wpb.Request()) == b""
-    assert FunctionRuntime("s", lambda req: "é").invoke(wpb.Request()) == "é".encode()
+    assert FunctionRuntime("n", lambda req: None).invoke(wpb.Request()) == wpb.Reply()
+    assert FunctionRuntime("s", lambda req: "é").invoke(wpb.Request()).Output == "é".encode()
+    typed = FunctionRuntime("t", lambda req: ("<p>", "text/html")).invoke(wpb.Request())
+    assert (typed.Output, typed.ContentType) == (b"<p>", "text/html")
+    for bad in ((b"x",), (b"x", 3), (b"x", "a", "b")):
+        with pytest.raises(InvokeError, match="tuple") as err:
+            FunctionRuntime("b", lambda req, bad=bad: bad).invoke(wpb.Request())
+        assert err.value.code == grpc.StatusCode.INTERNAL
 
 
 def start_watcher(

@@ -19,8 +19,8 @@ class Replica(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    async def call(self, request: wpb.Request, timeout: float) -> bytes:
-        """The output, or InvokeError; TimeoutError when `timeout` passes."""
+    async def call(self, request: wpb.Request, timeout: float) -> wpb.Reply:
+        """The reply, or InvokeError; TimeoutError when `timeout` passes."""
 
     def stream(self, requests: AsyncIterator[wpb.Request]) -> grpc.aio.StreamStreamCall: ...
 

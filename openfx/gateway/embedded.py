@@ -196,7 +196,7 @@ class Replica:
     def connected(self) -> bool:
         return self.framed is not None
 
-    async def call(self, request: wpb.Request, timeout: float) -> bytes:
+    async def call(self, request: wpb.Request, timeout: float) -> wpb.Reply:
         framed = self.framed
         if framed is None:
             raise InvokeError(UNAVAILABLE, f"{self.label} is restarting")

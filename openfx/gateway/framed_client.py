@@ -11,6 +11,7 @@ import grpc
 
 from openfx import framing
 from openfx.errors import CODE_BY_VALUE, InvokeError
+from openfx.pb import fxwatcher_pb2 as wpb
 
 
 class FramedClient:
@@ -29,7 +30,7 @@ class FramedClient:
         self.closed = False
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(reader))
 
-    async def call(self, payload: bytes, timeout: float) -> bytes:
+    async def call(self, payload: bytes, timeout: float) -> wpb.Reply:
         writer = self._writer
         if self.closed or writer is None:
             raise InvokeError(grpc.StatusCode.UNAVAILABLE, f"{self.what} is not connected")
@@ -46,11 +47,11 @@ class FramedClient:
         finally:
             timer.cancel()
             self._pending.pop(request_id, None)
-        if status:
-            raise InvokeError(
-                CODE_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN), data.decode("utf-8", "replace")
-            )
-        return data
+        if status == 0:
+            return wpb.Reply(Output=data)
+        if status == framing.OK_REPLY:
+            return wpb.Reply.FromString(data)
+        raise InvokeError(CODE_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN), data.decode("utf-8", "replace"))
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         header = framing.HEADER

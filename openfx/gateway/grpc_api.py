@@ -37,12 +37,12 @@ class GatewayServicer(gpb_grpc.FxGatewayServicer):
     ) -> gpb.Message:
         trigger, topic = _trigger(context)
         try:
-            output = await self.invoker.invoke(
+            reply = await self.invoker.invoke(
                 request.Service, request.Input, trigger, topic, deadline=context.time_remaining()
             )
         except InvokeError as exc:
             await context.abort(exc.code, exc.message)
-        return gpb.Message(Msg=output)
+        return gpb.Message(Msg=reply.Output)
 
     async def Invokes(
         self, request_iterator: AsyncIterator[gpb.InvokeServiceRequest], context: grpc.aio.ServicerContext

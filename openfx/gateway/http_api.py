@@ -92,10 +92,17 @@ def build_app(
             metrics.observe(name, 408, 0.0)
             return _text(408, f"request body not received within {body_timeout:g}s")
         try:
-            output = await invoker.invoke(name, body, "http")
+            reply = await invoker.invoke(name, body, "http")
         except InvokeError as exc:
             return _text(exc.http, exc.message)
-        return web.Response(body=output, content_type="application/octet-stream")
+        # the function chose the type (or it is opaque bytes); browsers must not guess another
+        return web.Response(
+            body=reply.Output,
+            headers={
+                "Content-Type": reply.ContentType or "application/octet-stream",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
 
     def rest(call: Callable[[web.Request], Awaitable[ProtoMessage]]) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:

@@ -71,7 +71,7 @@ class Invoker:
 
     async def invoke(
         self, name: str, payload: bytes, trigger: str = "grpc", topic: str = "", deadline: float | None = None
-    ) -> bytes:
+    ) -> wpb.Reply:
         """Call `name` once. `deadline` (seconds) from the caller shortens the function's timeout."""
         started = time.perf_counter()
         fn: Function | None = None
@@ -82,7 +82,7 @@ class Invoker:
             fn.in_flight += 1
             replica.in_flight += 1
             try:
-                output = await replica.call(watcher_request(fn, payload, trigger, topic), timeout)
+                reply = await replica.call(watcher_request(fn, payload, trigger, topic), timeout)
             except TimeoutError:
                 raise InvokeError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, f"function {name} timed out after {timeout:g}s"
@@ -94,7 +94,7 @@ class Invoker:
             self._count(name, exc.http, started, fn)
             raise
         self._count(name, 200, started, fn)
-        return output
+        return reply
 
     async def stream(
         self, name: str, first: bytes, rest: AsyncIterator[tuple[str, bytes]], trigger: str = "grpc"

@@ -54,9 +54,9 @@ class ClusterReplica:
         )
         self.stub = wpb_grpc.FxWatcherStub(self.channel)
 
-    async def call(self, request: wpb.Request, timeout: float) -> bytes:
+    async def call(self, request: wpb.Request, timeout: float) -> wpb.Reply:
         try:
-            return (await self.stub.Call(request, timeout=timeout)).Output
+            return await self.stub.Call(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TimeoutError from None

@@ -14,10 +14,12 @@ class Request(_message.Message):
     def __init__(self, input: _Optional[bytes] = ..., info: _Optional[_Union[Info, _Mapping]] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("Output",)
+    __slots__ = ("Output", "ContentType")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    CONTENTTYPE_FIELD_NUMBER: _ClassVar[int]
     Output: bytes
-    def __init__(self, Output: _Optional[bytes] = ...) -> None: ...
+    ContentType: str
+    def __init__(self, Output: _Optional[bytes] = ..., ContentType: _Optional[str] = ...) -> None: ...
 
 class Info(_message.Message):
     __slots__ = ("FunctionName", "Timeout", "Runtime", "Limits", "Trigger")

@@ -1,6 +1,7 @@
 """The one place a request meets the user's handler (both gRPC and the framed hop call it).
 
-Turns the handler's return value into bytes and its exceptions into statuses:
+Turns the handler's return value into a Reply (bytes, or `(body, content_type)` for the HTTP
+trigger's Content-Type) and its exceptions into statuses:
 `ValueError` (including `UnicodeDecodeError`) means bad input, `InvokeError`
 carries its own code, anything else is INTERNAL. The process keeps serving.
 """
@@ -30,8 +31,18 @@ def to_bytes(result: object) -> bytes:
         return result.encode("utf-8")
     raise InvokeError(
         grpc.StatusCode.INTERNAL,
-        f"handler returned {type(result).__name__}; return str, bytes or None",
+        f"handler returned {type(result).__name__}; return str, bytes, None or (body, content_type)",
     )
+
+
+def to_reply(result: object) -> wpb.Reply:
+    if isinstance(result, tuple):
+        if len(result) != 2 or not isinstance(result[1], str):
+            raise InvokeError(
+                grpc.StatusCode.INTERNAL, "handler returned a tuple; return (body, content_type: str)"
+            )
+        return wpb.Reply(Output=to_bytes(result[0]), ContentType=result[1])
+    return wpb.Reply(Output=to_bytes(result))
 
 
 class FunctionRuntime:
@@ -41,9 +52,9 @@ class FunctionRuntime:
         self.name = name
         self.handler = handler
 
-    def invoke(self, request: wpb.Request) -> bytes:
+    def invoke(self, request: wpb.Request) -> wpb.Reply:
         try:
-            return to_bytes(self.handler(request))
+            return to_reply(self.handler(request))
         except InvokeError:
             raise
         except ValueError as exc:

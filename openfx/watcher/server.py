@@ -87,7 +87,7 @@ class Watcher:
 
     # -- calls -------------------------------------------------------------
 
-    async def call(self, request: wpb.Request) -> bytes:
+    async def call(self, request: wpb.Request) -> wpb.Reply:
         runtime = self.runtime
         if runtime is None:
             reason = f"failed to load: {self.load_error}" if self.load_error else "is starting"
@@ -196,8 +196,11 @@ class Watcher:
 
     async def _answer_framed(self, writer: asyncio.StreamWriter, request_id: int, payload: bytes) -> None:
         try:
-            output = await self.call(wpb.Request.FromString(payload))
-            data = framing.frame(request_id, 0, output)
+            reply = await self.call(wpb.Request.FromString(payload))
+            if reply.ContentType:
+                data = framing.frame(request_id, framing.OK_REPLY, reply.SerializeToString())
+            else:
+                data = framing.frame(request_id, 0, reply.Output)
         except InvokeError as exc:
             data = framing.frame(request_id, exc.code.value[0], exc.message.encode())
         except DecodeError:
@@ -217,7 +220,7 @@ class _Servicer(wpb_grpc.FxWatcherServicer):
 
     async def Call(self, request: wpb.Request, context: grpc.aio.ServicerContext) -> wpb.Reply:
         try:
-            return wpb.Reply(Output=await self.watcher.call(request))
+            return await self.watcher.call(request)
         except InvokeError as exc:
             await context.abort(exc.code, exc.message)
 
@@ -226,10 +229,10 @@ class _Servicer(wpb_grpc.FxWatcherServicer):
     ) -> AsyncIterator[wpb.Reply]:
         async for request in request_iterator:
             try:
-                output = await self.watcher.call(request)
+                reply = await self.watcher.call(request)
             except InvokeError as exc:
                 await context.abort(exc.code, exc.message)
-            yield wpb.Reply(Output=output)
+            yield reply
 
 
 async def serve(settings: WatcherSettings) -> None:
