@@ -1,0 +1,102 @@
+"""Batch and streaming inference over a folder of csv2 files, on Spark (the seed's inference mode).
+
+    python functions/mnist/batch.py --images stream_data --output predictions [--watch]
+
+Every CSV file in --images holds rows in the seed's csv2 layout: `label,p0,...,p63` (UCI 8x8
+pixels 0..16). Spark reads them with its file-stream source; each micro-batch is scored by the
+model in src/model.json on the executors and written to `<output>/batch-<n>/` as CSV
+`label,prediction,probability`. Without --watch the files present now are processed and the
+job ends (a summary with the accuracy is printed); with --watch it keeps scoring files as they
+are copied in, until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "src"))
+from digits import MAX_PIXEL, MODEL, N_PIXELS, load_model  # noqa: E402
+from train import spark_session  # noqa: E402
+
+
+def schema():  # type: ignore[no-untyped-def]
+    from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
+
+    fields = [StructField("label", IntegerType())]
+    fields += [StructField(f"p{i}", DoubleType()) for i in range(N_PIXELS)]
+    return StructType(fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", required=True, help="folder of csv2 files")
+    parser.add_argument("--output", required=True, help="predictions go to <output>/batch-<n>/")
+    parser.add_argument("--model", default=str(MODEL), help="model.json written by train.py")
+    parser.add_argument("--model-name", default="", help="averaged or mllib (default: the file's choice)")
+    parser.add_argument("--master", default=os.environ.get("SPARK_MASTER", "local[*]"))
+    parser.add_argument("--watch", action="store_true", help="keep scoring new files until Ctrl-C")
+    args = parser.parse_args(argv)
+    if not Path(args.images).is_dir():
+        parser.error(f"--images {args.images}: no such folder")
+    try:
+        name, net, _ = load_model(Path(args.model), args.model_name)
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(f"--model {args.model}: {exc}")
+    layers, weights = net.layers, net.flat().tolist()
+
+    spark = spark_session(args.master)
+    model = spark.sparkContext.broadcast((layers, weights))
+    totals = {"rows": 0, "labelled": 0, "correct": 0, "malformed": 0}
+
+    def score(rows):  # type: ignore[no-untyped-def]
+        import numpy as np
+        from digits import Network
+
+        rows = list(rows)
+        if not rows:
+            return
+        network = Network(*model.value)
+        pixels = np.array([[row[f"p{i}"] for i in range(N_PIXELS)] for row in rows]) / MAX_PIXEL
+        probabilities = network.probabilities(pixels)
+        for row, p in zip(rows, probabilities, strict=True):
+            yield row["label"], int(p.argmax()), float(p.max())
+
+    def write_batch(frame, batch_id: int) -> None:  # type: ignore[no-untyped-def]
+        complete = frame.dropna()
+        totals["malformed"] += frame.count() - complete.count()
+        scored = complete.rdd.mapPartitions(score).toDF(["label", "prediction", "probability"]).cache()
+        count = scored.count()
+        if count == 0:
+            return
+        scored.write.mode("overwrite").csv(str(Path(args.output) / f"batch-{batch_id}"))
+        labelled = scored.filter("label >= 0")
+        totals["rows"] += count
+        totals["labelled"] += labelled.count()
+        totals["correct"] += labelled.filter("label = prediction").count()
+        print(f"batch {batch_id}: {count} rows scored", flush=True)
+
+    stream = spark.readStream.schema(schema()).option("mode", "PERMISSIVE").csv(args.images)
+    writer = stream.writeStream.foreachBatch(write_batch).option(
+        "checkpointLocation", str(Path(args.output) / "_checkpoint")
+    )
+    query = (writer if args.watch else writer.trigger(availableNow=True)).start()
+    try:
+        query.awaitTermination()
+    except KeyboardInterrupt:
+        query.stop()
+    finally:
+        spark.stop()
+    accuracy = totals["correct"] / totals["labelled"] if totals["labelled"] else float("nan")
+    print(
+        f"scored {totals['rows']} rows with the {name} model, {totals['malformed']} malformed rows "
+        f"skipped; accuracy on labelled rows = {accuracy:.4f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The digit model's pieces shared by training (Spark executors), batch inference and the function.
+
+The network is the one Spark MLlib's MultilayerPerceptronClassifier builds: affine layers with
+sigmoid activations and a softmax on top, weights in MLlib's flat layout (per layer a
+column-major n_out x n_in matrix, then n_out biases). The per-partition trainers use the same
+layout, so an averaged model, MLlib's model and the function all share one forward pass.
+
+Pixels follow scikit-learn's UCI digits: 8x8 counts 0..16 of ink in 4x4 blocks of a 32x32
+bitmap. `image_pixels` turns any PNG/JPEG of a digit into that form.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+SIDE = 8
+N_PIXELS = SIDE * SIDE
+N_CLASSES = 10
+MAX_PIXEL = 16.0
+MODEL = Path(__file__).resolve().parent / "model.json"
+
+
+def layer_shapes(layers: list[int]) -> list[tuple[int, int]]:
+    return list(zip(layers[:-1], layers[1:], strict=True))
+
+
+def n_weights(layers: list[int]) -> int:
+    return sum(i * o + o for i, o in layer_shapes(layers))
+
+
+class Network:
+    """An MLlib-layout multilayer perceptron: forward pass, and mini-batch SGD for the trainers."""
+
+    def __init__(self, layers: list[int], weights: Iterable[float]) -> None:
+        flat = np.asarray(list(weights) if not isinstance(weights, np.ndarray) else weights, np.float64)
+        if len(flat) != n_weights(layers):
+            raise ValueError(f"{len(flat)} weights for layers {layers}; expected {n_weights(layers)}")
+        self.layers = list(layers)
+        self.W: list[np.ndarray] = []
+        self.b: list[np.ndarray] = []
+        offset = 0
+        for n_in, n_out in layer_shapes(layers):
+            self.W.append(flat[offset : offset + n_in * n_out].reshape(n_in, n_out).T.copy())
+            offset += n_in * n_out
+            self.b.append(flat[offset : offset + n_out].copy())
+            offset += n_out
+
+    @classmethod
+    def initial(cls, layers: list[int], seed: int) -> Network:
+        """Small random weights; every trainer starts from the same ones, so averaging is meaningful."""
+        rng = np.random.default_rng(seed)
+        parts = []
+        for n_in, n_out in layer_shapes(layers):
+            scale = np.sqrt(6.0 / (n_in + n_out))
+            parts += [rng.uniform(-scale, scale, n_in * n_out), np.zeros(n_out)]
+        return cls(layers, np.concatenate(parts))
+
+    def flat(self) -> np.ndarray:
+        return np.concatenate([p for W, b in zip(self.W, self.b, strict=True) for p in (W.T.ravel(), b)])
+
+    def _activations(self, rows: np.ndarray) -> list[np.ndarray]:
+        out = [rows]
+        with np.errstate(over="ignore"):  # exp overflow gives 0.0, as in the JVM
+            for i, (W, b) in enumerate(zip(self.W, self.b, strict=True)):
+                z = out[-1] @ W.T + b
+                out.append(z if i == len(self.W) - 1 else 1.0 / (1.0 + np.exp(-z)))
+        return out
+
+    def probabilities(self, rows: np.ndarray) -> np.ndarray:
+        """Class probabilities for rows of shape (n, n_inputs) (features scaled to 0..1)."""
+        z = self._activations(np.atleast_2d(rows))[-1]
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        return self.probabilities(rows).argmax(axis=1)
+
+    def accuracy(self, rows: np.ndarray, labels: np.ndarray) -> float:
+        return float((self.predict(rows) == labels).mean()) if len(labels) else 0.0
+
+    def fit(
+        self, rows: np.ndarray, labels: np.ndarray, epochs: int, lr: float, batch: int, seed: int
+    ) -> Network:
+        """Mini-batch SGD with momentum on softmax cross-entropy; trains in place."""
+        rng = np.random.default_rng(seed)
+        onehot = np.eye(self.layers[-1])[labels.astype(int)]
+        velocity = [(np.zeros_like(W), np.zeros_like(b)) for W, b in zip(self.W, self.b, strict=True)]
+        for _ in range(epochs):
+            order = rng.permutation(len(rows))
+            for start in range(0, len(rows), batch):
+                idx = order[start : start + batch]
+                acts = self._activations(rows[idx])
+                z = acts[-1]
+                e = np.exp(z - z.max(axis=1, keepdims=True))
+                delta = (e / e.sum(axis=1, keepdims=True) - onehot[idx]) / len(idx)
+                for layer in range(len(self.W) - 1, -1, -1):
+                    grad_W, grad_b = delta.T @ acts[layer], delta.sum(axis=0)
+                    if layer:
+                        a = acts[layer]
+                        delta = (delta @ self.W[layer]) * a * (1.0 - a)
+                    vW, vb = velocity[layer]
+                    vW *= 0.9
+                    vW -= lr * grad_W
+                    vb *= 0.9
+                    vb -= lr * grad_b
+                    self.W[layer] += vW
+                    self.b[layer] += vb
+        return self
+
+
+def average(models: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """The aggregator: weights averaged, each model weighted by the rows it was trained on."""
+    total = sum(count for count, _ in models)
+    return sum(count / total * weights for count, weights in models)  # type: ignore[return-value]
+
+
+def train_partition(
+    rows: Iterator[tuple[int, list[float]]], layers: list[int], start: list[float], epochs: int, seed: int
+) -> Iterator[tuple[int, list[float]]]:
+    """One trainer (runs in a Spark task): its partition's rows in, (row count, weights) out."""
+    data = list(rows)
+    if not data:
+        return
+    labels = np.array([label for label, _ in data])
+    features = np.array([pixels for _, pixels in data], dtype=np.float64) / MAX_PIXEL
+    net = Network(layers, np.asarray(start)).fit(features, labels, epochs, lr=0.5, batch=16, seed=seed)
+    yield len(data), net.flat().tolist()
+
+
+# ---- the served model file -------------------------------------------------------------------
+
+
+def save_models(path: Path, models: dict[str, dict[str, object]], serve: str) -> None:
+    path.write_text(json.dumps({"serve": serve, "models": models}, indent=1) + "\n")
+
+
+def load_model(path: Path = MODEL, name: str = "") -> tuple[str, Network, dict[str, object]]:
+    """(name, network, metadata) of the model to serve: `name`, else the file's `serve` choice."""
+    data = json.loads(path.read_text())
+    name = name or data["serve"]
+    if name not in data["models"]:
+        raise ValueError(f"{path} has no model {name!r}; it has {', '.join(data['models'])}")
+    spec = data["models"][name]
+    return name, Network(spec["layers"], spec["weights"]), spec
+
+
+# ---- images -> pixels ------------------------------------------------------------------------
+
+
+def image_pixels(data: bytes) -> np.ndarray:
+    """A PNG/JPEG of one digit, any size, dark-on-light or light-on-dark, as 64 pixels 0..16.
+
+    Like the UCI preprocessing: the ink's bounding box is scaled (aspect kept) to fill a 32x32
+    bitmap, centred, and its ink summed in 4x4 blocks.
+    """
+    import cv2
+
+    # a bad upload is answered with INVALID_ARGUMENT; libpng need not log it too
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError("not a PNG or JPEG image (or a truncated one)")
+    gray = _gray(image.astype(np.float64) / (65535.0 if image.dtype == np.uint16 else 255.0))
+    return bitmap_pixels(gray)
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        return image
+    color = image[..., :3].mean(axis=2)
+    if image.shape[2] == 4:  # transparent background: composite onto white
+        alpha = image[..., 3]
+        return color * alpha + (1.0 - alpha)
+    return color
+
+
+def bitmap_pixels(gray: np.ndarray) -> np.ndarray:
+    """Gray levels 0..1 of any size -> 64 UCI-style pixels; polarity decided by the border."""
+    import cv2
+
+    if gray.shape[0] < 4 or gray.shape[1] < 4:
+        raise ValueError(f"image of {gray.shape[1]}x{gray.shape[0]} pixels is too small for a digit")
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    ink = background - gray if background > 0.5 else gray - background
+    ink = np.clip(ink, 0.0, None)
+    peak = float(ink.max())
+    if peak < 0.15:
+        raise ValueError("no digit found: the image has no contrast")
+    ink /= peak
+    ink[ink < 0.1] = 0.0  # paper texture, JPEG noise
+    ys, xs = np.nonzero(ink)
+    box = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    h, w = box.shape
+    scale = 32.0 / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = cv2.resize(box, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    canvas = np.zeros((32, 32))
+    top, left = (32 - new_h) // 2, (32 - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = resized
+    return np.round(canvas.reshape(SIDE, 4, SIDE, 4).sum(axis=(1, 3)).ravel())
+
+
+def as_pixels(values: object) -> np.ndarray:
+    """A JSON array of pixels: 64 UCI values (0..16, flat or 8x8), or a gray image (0..255 or
+    0..1; rows, or flat when square, e.g. 28x28 MNIST) which goes through `bitmap_pixels`."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("pixels must be an array of numbers (flat or rows)") from None
+    if not np.all(np.isfinite(array)) or array.size == 0:
+        raise ValueError("pixels must be finite numbers")
+    if array.size == N_PIXELS and array.min() >= 0 and array.max() <= MAX_PIXEL:
+        return array.ravel()
+    side = int(round(array.size**0.5))
+    if array.ndim == 2:
+        gray = array
+    elif array.ndim == 1 and side * side == array.size:
+        gray = array.reshape(side, side)
+    else:
+        raise ValueError(f"{array.size} pixels: send 64 (8x8, 0..16), rows of an image, or a flat square one")
+    return bitmap_pixels(gray / 255.0 if gray.max() > 1.0 else gray)

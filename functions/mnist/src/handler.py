@@ -1,0 +1,99 @@
+"""Handwritten-digit recognition: the seed's aggregated model, served.
+
+Input (one request):
+- a PNG or JPEG of a digit (any size, dark-on-light or light-on-dark);
+- JSON: an array of pixels or `{"pixels": [...]}` (64 UCI values 0..16, flat or 8x8, or any
+  square gray image such as 28x28 MNIST), or a list of `{"pixels": ...}` objects for a batch;
+- CSV lines in the seed's csv2 layout (`label,p0,...,p63`, or the 64 pixels alone);
+- nothing, through the HTTP trigger: the demo web page (upload or draw a digit).
+Output: JSON `{"digit": d, "probabilities": [p0..p9]}` (a list for batches; csv2 input gets CSV
+lines `label,prediction,probability`).
+
+MNIST_MODEL chooses the model in model.json (`averaged`: the per-partition models averaged, or
+`mllib`: Spark MLlib's MultilayerPerceptron on all data); default: the file's `serve` entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from digits import MAX_PIXEL, N_PIXELS, as_pixels, image_pixels, load_model
+
+PAGE = Path(__file__).resolve().parent / "web" / "index.html"
+MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.model_name, self.net, meta = load_model(name=os.environ.get("MNIST_MODEL", ""))
+        self.page = PAGE.read_bytes().replace(
+            b"{{MODEL}}", f"{self.model_name} (test accuracy {meta['accuracy']:.4f})".encode()
+        )
+
+    def __call__(self, req: Any) -> bytes | tuple[bytes, str]:
+        data: bytes = req.input
+        if not data.strip():
+            if req.info.Trigger.Name == "http":
+                return self.page, "text/html; charset=utf-8"
+            raise ValueError("empty input: send a PNG/JPEG of a digit, JSON pixels or csv2 lines")
+        if data.startswith(MAGIC):
+            return self._answer(image_pixels(data)[None, :])
+        text = data.decode("utf-8").strip()
+        if text[0] in "[{":
+            return self._json(text)
+        return self._csv(text)
+
+    def _answer(self, pixels: np.ndarray) -> tuple[bytes, str]:
+        results = [self._result(p) for p in self.net.probabilities(pixels / MAX_PIXEL)]
+        body = results[0] if len(results) == 1 else results
+        return json.dumps(body).encode() + b"\n", "application/json"
+
+    @staticmethod
+    def _result(probabilities: np.ndarray) -> dict[str, object]:
+        return {"digit": int(probabilities.argmax()), "probabilities": [round(float(p), 6) for p in probabilities]}
+
+    def _json(self, text: str) -> tuple[bytes, str]:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        items = doc if _is_batch(doc) else [doc]
+        pixels = [as_pixels(_pixels_of(item)) for item in items]
+        body = [self._result(p) for p in self.net.probabilities(np.stack(pixels) / MAX_PIXEL)]
+        out = body if _is_batch(doc) else body[0]
+        return json.dumps(out).encode() + b"\n", "application/json"
+
+    def _csv(self, text: str) -> tuple[bytes, str]:
+        """csv2 rows in, `label,prediction,probability` rows out (label -1 when rows carry none)."""
+        labels, rows = [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                values = [float(v) for v in line.split(",")]
+            except ValueError:
+                raise ValueError(f"line {number}: not csv2 (label,{N_PIXELS} pixels) numbers") from None
+            if len(values) not in (N_PIXELS, N_PIXELS + 1):
+                raise ValueError(f"line {number}: {len(values)} values; csv2 rows hold label + {N_PIXELS}")
+            labels.append(int(values[0]) if len(values) > N_PIXELS else -1)
+            rows.append(as_pixels(values[-N_PIXELS:]))
+        probabilities = self.net.probabilities(np.stack(rows) / MAX_PIXEL)
+        out = [f"{label},{p.argmax()},{p.max():.6f}" for label, p in zip(labels, probabilities, strict=True)]
+        return ("\n".join(out) + "\n").encode(), "text/csv"
+
+
+def _is_batch(doc: object) -> bool:
+    """A batch is a list of `{"pixels": ...}` objects; a bare array is always one image."""
+    return isinstance(doc, list) and bool(doc) and isinstance(doc[0], dict)
+
+
+def _pixels_of(item: object) -> object:
+    if isinstance(item, dict):
+        if "pixels" not in item:
+            raise ValueError('JSON object without "pixels"')
+        return item["pixels"]
+    return item
