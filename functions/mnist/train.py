@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     layers = [N_PIXELS, args.hidden, N_CLASSES]
     timings: dict[str, float] = {}
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
         task = bar.add_task("loading the UCI digits", total=None)
         x, y, x_test, y_test = load_data()
         bar.update(task, description=f"starting Spark ({args.master})")
@@ -141,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     test = x_test / MAX_PIXEL
     averaged = Network(layers, average(models))
     mllib = Network(layers, mllib_weights)
-    rows = [(f"partition {i}", count, Network(layers, w).accuracy(test, y_test)) for i, (count, w) in enumerate(models)]
-    rows.append((f"averaged ({len(models)} models)", sum(c for c, _ in models), averaged.accuracy(test, y_test)))
+    rows = [
+        (f"partition {i}", count, Network(layers, w).accuracy(test, y_test))
+        for i, (count, w) in enumerate(models)
+    ]
+    total = sum(count for count, _ in models)
+    rows.append((f"averaged ({len(models)} models)", total, averaged.accuracy(test, y_test)))
     rows.append(("MLlib MLP (all rows)", len(y), mllib.accuracy(test, y_test)))
 
     table = Table(title=f"Accuracy on {len(y_test)} held-out digits")

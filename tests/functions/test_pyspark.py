@@ -5,7 +5,6 @@ Spark standalone cluster (master + worker on 127.0.0.1), and the gateway paths."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,8 +17,9 @@ import pytest
 
 from openfx.errors import InvokeError
 from openfx.watcher.loader import load_handler
-from tests.conftest import ROOT, RunningGateway, free_port
+from tests.conftest import ROOT, RunningGateway
 from tests.functions.conftest import Req, call
+from tests.spark_cluster import standalone_cluster
 
 FN = ROOT / "functions/pyspark"
 ACCURACY = "Test set accuracy = 0.9523809523809523"  # Spark 4.1 (the seed's 0.9019... was Spark 2.4.5)
@@ -144,51 +144,6 @@ def test_committed_model_is_reproducible(tmp_path: Path) -> None:
 
 def test_on_a_spark_standalone_cluster(tmp_path: Path) -> None:
     """A real standalone master and worker started from the pyspark installation, on 127.0.0.1."""
-    import pyspark
-
-    spark_home = Path(pyspark.__file__).parent
-    port, webui = free_port(), free_port()
-    env = {
-        **os.environ,
-        "SPARK_HOME": str(spark_home),
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "SPARK_LOG_DIR": str(tmp_path),
-        "SPARK_WORKER_DIR": str(tmp_path / "work"),
-    }
-    spark_class = str(spark_home / "bin/spark-class")
-    master = subprocess.Popen(
-        [
-            spark_class,
-            "org.apache.spark.deploy.master.Master",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--webui-port",
-            str(webui),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "master.log", "wb"),
-    )
-    worker = subprocess.Popen(
-        [
-            spark_class,
-            "org.apache.spark.deploy.worker.Worker",
-            f"spark://127.0.0.1:{port}",
-            "--host",
-            "127.0.0.1",
-            "--webui-port",
-            str(free_port()),
-            "--cores",
-            "1",
-            "--memory",
-            "1g",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "worker.log", "wb"),
-    )
     script = (
         "import sys, time, json; sys.path.insert(0, {!r})\n"
         "from openfx.watcher.loader import load_handler\n"
@@ -199,22 +154,17 @@ def test_on_a_spark_standalone_cluster(tmp_path: Path) -> None:
         "class R: input = b''\n"
         "print(h(R()))\n"
     ).format(str(ROOT), str(FN / "src/handler.py"))
-    try:
+    with standalone_cluster(tmp_path) as (master, env):
         out = subprocess.run(
             [sys.executable, "-c", script],
             capture_output=True,
             text=True,
             timeout=300,
-            env={**env, "SPARK_MASTER": f"spark://127.0.0.1:{port}"},
+            env={**env, "SPARK_MASTER": master},
         )
-    finally:
-        worker.terminate()
-        master.terminate()
-        worker.wait(30)
-        master.wait(30)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[-2] == f"spark://127.0.0.1:{port}" and lines[-1] == ACCURACY
+    assert lines[-2] == master and lines[-1] == ACCURACY
 
 
 def test_through_gateway(stack_gateway: RunningGateway) -> None:

@@ -54,7 +54,8 @@ class Handler:
 
     @staticmethod
     def _result(probabilities: np.ndarray) -> dict[str, object]:
-        return {"digit": int(probabilities.argmax()), "probabilities": [round(float(p), 6) for p in probabilities]}
+        rounded = [round(float(p), 6) for p in probabilities]
+        return {"digit": int(probabilities.argmax()), "probabilities": rounded}
 
     def _json(self, text: str) -> tuple[bytes, str]:
         try:
