@@ -116,7 +116,8 @@ def start_gateway(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            # a test run killed midway must not leave gateways (and their functions) running
+            env={**os.environ, "OPENFX_DIE_WITH_PARENT": "1", **(env or {})},
             cwd=ROOT,
         )
     return RunningGateway(process, grpc_address, f"http://{http_address}", log_path)

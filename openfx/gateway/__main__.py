@@ -11,6 +11,7 @@ import uvloop
 
 from openfx.config import ConfigError, load_stack
 from openfx.gateway.app import add_arguments, serve, settings_from
+from openfx.parent import die_with_parent_if_asked
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     settings = settings_from(args)
+    die_with_parent_if_asked()
     uvloop.run(serve(settings, stack))
 
 

@@ -9,6 +9,7 @@ import sys
 
 import uvloop
 
+from openfx.parent import die_with_parent_if_asked
 from openfx.watcher.server import WatcherSettings, serve
 
 
@@ -32,22 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"), format=prefix + "%(message)s", stream=sys.stderr
     )
-    if os.environ.get("OPENFX_DIE_WITH_PARENT"):
-        _die_with_parent()
+    die_with_parent_if_asked()
     uvloop.run(serve(settings))
-
-
-def _die_with_parent() -> None:
-    """Under the embedded gateway: get SIGTERM when the gateway dies, even by SIGKILL (no orphans)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ def png(img: np.ndarray) -> bytes:
     return cv2.imencode(".png", img)[1].tobytes()
 
 
-def decode(data: bytes) -> np.ndarray:
+def decode(data: bytes | tuple[bytes, str]) -> np.ndarray:
+    if isinstance(data, tuple):  # the handler's own answer: (JPEG, its content type)
+        data, content_type = data
+        assert content_type == "image/jpeg"
     assert data[:3] == b"\xff\xd8\xff"
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
 
@@ -112,6 +115,9 @@ def test_through_gateway_grpc_http_and_stream(stack_gateway: RunningGateway) -> 
     assert decode(call(stack_gateway, "imgprocessing", b"op=edges\n" + frame)).ndim == 2
     r = requests.post(f"{stack_gateway.http_url}/function/imgprocessing", data=frame, timeout=30)
     assert r.status_code == 200 and decode(r.content).shape == (640, 960, 3)
+    assert r.headers["Content-Type"] == "image/jpeg" and r.headers["X-Content-Type-Options"] == "nosniff"
+    echoed = requests.post(f"{stack_gateway.http_url}/function/echo", data=b"<p>x</p>", timeout=30)
+    assert echoed.headers["Content-Type"] == "application/octet-stream"  # echo chose no type
     replies = stack_gateway.stub().Invokes(
         iter([gpb.InvokeServiceRequest(Service="imgprocessing", Input=frame)] * 5), timeout=60
     )

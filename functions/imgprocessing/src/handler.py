@@ -90,4 +90,4 @@ class Handler:
         ok, encoded = cv2.imencode(".jpg", result, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise RuntimeError("JPEG encoding failed")
-        return encoded.tobytes()
+        return encoded.tobytes(), "image/jpeg"  # a browser shows the HTTP trigger's answer
