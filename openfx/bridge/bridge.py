@@ -18,6 +18,7 @@ Calls are asynchronous end to end (gRPC futures, publish callbacks): no thread w
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -113,6 +114,8 @@ class BridgeMetrics:
 class Bridge:
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
+        # devices publish to the same topics again and again: match the route filters once per topic
+        self._function_for = functools.lru_cache(maxsize=4096)(config.function_for)
         self.metrics = BridgeMetrics()
         self.scheduler = Scheduler()
         self.generation = 0
@@ -232,7 +235,7 @@ class Bridge:
             qos=msg.qos,
             mid=msg.mid,
             generation=self.generation,
-            function=config.function_for(msg.topic),
+            function=self._function_for(msg.topic),
             response_topic=getattr(props, "ResponseTopic", None),
             correlation=getattr(props, "CorrelationData", None),
         )
