@@ -1,6 +1,7 @@
 """Child processes that must not outlive their parent (watchers under the embedded gateway, a
 gateway under a test run or a supervisor): with OPENFX_DIE_WITH_PARENT=1 the kernel sends
-SIGTERM when the parent dies, even by SIGKILL, so nothing is left orphaned."""
+SIGTERM when the parent dies, even by SIGKILL, so nothing is left orphaned. (Linux ties this to
+the thread that spawned the child: spawn from a thread that lives as long as the parent.)"""
 
 from __future__ import annotations
 

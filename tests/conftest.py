@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,6 +91,13 @@ class RunningGateway:
         return self.process.returncode
 
 
+def _die_with_test_run() -> dict[str, str]:
+    """A test run killed midway must not leave gateways (and their functions) running. The kernel
+    ties this to the spawning *thread*, so a gateway restarted from a timer thread (fault tests)
+    must not ask for it: it would be stopped the moment that thread ends."""
+    return {"OPENFX_DIE_WITH_PARENT": "1"} if threading.current_thread() is threading.main_thread() else {}
+
+
 def start_gateway(
     stack: Path,
     log_path: Path,
@@ -116,8 +124,7 @@ def start_gateway(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            # a test run killed midway must not leave gateways (and their functions) running
-            env={**os.environ, "OPENFX_DIE_WITH_PARENT": "1", **(env or {})},
+            env={**os.environ, **_die_with_test_run(), **(env or {})},
             cwd=ROOT,
         )
     return RunningGateway(process, grpc_address, f"http://{http_address}", log_path)
