@@ -2,12 +2,12 @@
 
     python functions/mnist/batch.py --images stream_data --output predictions [--watch]
 
-Every CSV file in --images holds rows in the seed's csv2 layout: `label,p0,...,p63` (UCI 8x8
-pixels 0..16). Spark reads them with its file-stream source; each micro-batch is scored by the
-model in src/model.json on the executors and written to `<output>/batch-<n>/` as CSV
-`label,prediction,probability`. Without --watch the files present now are processed and the
-job ends (a summary with the accuracy is printed); with --watch it keeps scoring files as they
-are copied in, until Ctrl-C.
+Every CSV file in --images holds rows in the seeds' csv2 layout: `label,p0,...` with --pixels
+values per row (64: UCI 8x8 pixels 0..16, the default; 784: MNIST's 28x28, 0..255). Spark reads
+them with its file-stream source; each micro-batch is scored by the model in src/model.json on
+the executors and written to `<output>/batch-<n>/` as CSV `label,prediction,probability`.
+Without --watch the files present now are processed and the job ends (a summary with the
+accuracy is printed); with --watch it keeps scoring files as they are copied in, until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from digits import MAX_PIXEL, MODEL, N_PIXELS, load_model  # noqa: E402
 from train import spark_session  # noqa: E402
 
 
-def schema():  # type: ignore[no-untyped-def]
+def schema(pixels: int):  # type: ignore[no-untyped-def]
     from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
     fields = [StructField("label", IntegerType())]
-    fields += [StructField(f"p{i}", DoubleType()) for i in range(N_PIXELS)]
+    fields += [StructField(f"p{i}", DoubleType()) for i in range(pixels)]
     return StructType(fields)
 
 
@@ -38,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(MODEL), help="model.json written by train.py")
     parser.add_argument("--model-name", default="", help="averaged or mllib (default: the file's choice)")
     parser.add_argument("--master", default=os.environ.get("SPARK_MASTER", "local[*]"))
+    parser.add_argument("--pixels", type=int, default=N_PIXELS, help="per row: 64 (8x8) or 784 (28x28)")
     parser.add_argument("--watch", action="store_true", help="keep scoring new files until Ctrl-C")
     args = parser.parse_args(argv)
+    if args.pixels < 16 or round(args.pixels**0.5) ** 2 != args.pixels:
+        parser.error(f"--pixels {args.pixels}: rows hold a square image (64, 784, ...)")
     if not Path(args.images).is_dir():
         parser.error(f"--images {args.images}: no such folder")
     try:
@@ -52,15 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     model = spark.sparkContext.broadcast((layers, weights))
     totals = {"rows": 0, "labelled": 0, "correct": 0, "malformed": 0}
 
+    columns = [f"p{i}" for i in range(args.pixels)]
+
     def score(rows):  # type: ignore[no-untyped-def]
         import numpy as np
-        from digits import Network
+        from digits import Network, as_pixels
 
         rows = list(rows)
         if not rows:
             return
         network = Network(*model.value)
-        pixels = np.array([[row[f"p{i}"] for i in range(N_PIXELS)] for row in rows]) / MAX_PIXEL
+        pixels = np.stack([as_pixels([row[c] for c in columns]) for row in rows]) / MAX_PIXEL
         probabilities = network.probabilities(pixels)
         for row, p in zip(rows, probabilities, strict=True):
             yield row["label"], int(p.argmax()), float(p.max())
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         totals["correct"] += labelled.filter("label = prediction").count()
         print(f"batch {batch_id}: {count} rows scored", flush=True)
 
-    stream = spark.readStream.schema(schema()).option("mode", "PERMISSIVE").csv(args.images)
+    stream = spark.readStream.schema(schema(args.pixels)).option("mode", "PERMISSIVE").csv(args.images)
     writer = stream.writeStream.foreachBatch(write_batch).option(
         "checkpointLocation", str(Path(args.output) / "_checkpoint")
     )

@@ -44,6 +44,12 @@ def digit_image(pixels: np.ndarray, size: int, dark_on_light: bool = True, ext: 
     return cv2.imencode(ext, image)[1].tobytes()
 
 
+def mnist_like(pixels: np.ndarray) -> np.ndarray:
+    """The digit as MNIST stores one: 28x28, light on dark, 0..255, the digit in the middle 20x20."""
+    ink = (pixels.reshape(8, 8) / MAX_PIXEL * 255).astype(np.uint8)
+    return np.pad(cv2.resize(ink, (20, 20), interpolation=cv2.INTER_AREA), 4)
+
+
 def predict(handler, data: bytes) -> dict:  # type: ignore[no-untyped-def]
     body, content_type = handler(Req(data))
     assert content_type == "application/json"
@@ -81,6 +87,16 @@ def test_json_csv_and_images_agree_with_the_pixels(handler) -> None:  # type: ig
     assert [int(a[0]) for a in answered] == list(Y_TEST[:80])
     assert [int(a[1]) for a in answered] == expected
 
+    # MNIST's csv2 rows: label + 784 pixels (or the pixels alone)
+    mnist_rows = [
+        ",".join(map(str, [label, *mnist_like(r).ravel()])) for label, r in zip(Y_TEST, rows, strict=False)
+    ]
+    body, _ = handler(Req(("\n".join(mnist_rows[:40]) + "\n" + mnist_rows[40].split(",", 1)[1]).encode()))
+    answered = [line.split(",") for line in body.decode().splitlines()]
+    assert [int(a[0]) for a in answered] == [*Y_TEST[:40], -1]
+    # resampling 8x8 -> 28x28 -> 8x8 blurs strokes: most, not all, answers survive it
+    assert np.mean([int(a[1]) for a in answered] == np.array(expected[:41])) >= 0.75
+
     exact = agree = 0
     for i, r in enumerate(rows):
         png = digit_image(r, 8 * (3 + i % 20))
@@ -102,8 +118,7 @@ def test_any_size_either_polarity_png_or_jpeg(handler) -> None:  # type: ignore[
     rgba[..., 3] = np.pad(ink, 0)
     assert predict(handler, cv2.imencode(".png", rgba)[1].tobytes())["digit"] == want
     # a 28x28 MNIST-style array (light on dark, 0..255) goes through the image path
-    mnist_like = cv2.resize(ink, (20, 20), interpolation=cv2.INTER_AREA)
-    assert predict(handler, json.dumps(np.pad(mnist_like, 4).tolist()).encode())["digit"] == want
+    assert predict(handler, json.dumps(mnist_like(r).tolist()).encode())["digit"] == want
 
 
 @pytest.mark.parametrize(
@@ -116,7 +131,7 @@ def test_any_size_either_polarity_png_or_jpeg(handler) -> None:  # type: ignore[
         (b"[[1, 2], [3]]", "array of numbers"),
         (b"[NaN]", "finite"),
         (b"abc", "not csv2"),
-        (b"1,2\n", "2 values"),
+        (b"1,2,3\n", "3 values"),
         (b"\x89PNG\r\n\x1a\ntruncated", "not a PNG or JPEG"),
         (b"\xff\xfe", "utf-8"),
     ],
@@ -217,6 +232,19 @@ def test_batch_scoring_of_a_csv2_folder(tmp_path: Path) -> None:
     accuracy = float(np.mean(expected == Y_TEST[:120]))
     summary = "scored 120 rows with the averaged model, 1 malformed rows skipped"
     assert f"{summary}; accuracy on labelled rows = {accuracy:.4f}" in stdout
+
+    # the seed's own csv2 files are MNIST: label + 784 pixels
+    mnist_images = tmp_path / "mnist_csv2"
+    mnist_images.mkdir()
+    with open(mnist_images / "part-0.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([Y_TEST[i], *mnist_like(X_TEST[i]).ravel()] for i in range(60))
+    args = ["--images", str(mnist_images), "--output", str(tmp_path / "mnist_out"), "--pixels", "784"]
+    stdout = run([str(FN / "batch.py"), *args])
+    rows = [
+        r for part in (tmp_path / "mnist_out").glob("batch-*/part-*.csv") for r in csv.reader(part.open())
+    ]
+    assert len(rows) == 60 and "scored 60 rows with the averaged model, 0 malformed rows skipped" in stdout
+    assert np.mean([int(label) == int(prediction) for label, prediction, _ in rows]) >= 0.7
 
 
 def test_through_the_gateway(stack_gateway: RunningGateway) -> None:

@@ -225,3 +225,18 @@ def as_pixels(values: object) -> np.ndarray:
     else:
         raise ValueError(f"{array.size} pixels: send 64 (8x8, 0..16), rows of an image, or a flat square one")
     return bitmap_pixels(gray / 255.0 if gray.max() > 1.0 else gray)
+
+
+def csv2_row(values: list[float]) -> tuple[int, np.ndarray]:
+    """One csv2 row (the seeds' layout): `label,pixels...` or the pixels alone, with 64 UCI pixels
+    or any square image (784 = MNIST's 28x28, 0..255). Label -1 when the row has none."""
+    n = len(values)
+    if _square(n):
+        return -1, as_pixels(values)
+    if _square(n - 1):
+        return int(values[0]), as_pixels(values[1:])
+    raise ValueError(f"{n} values: a csv2 row is a label + {N_PIXELS} pixels (8x8) or + n*n (784: MNIST)")
+
+
+def _square(n: int) -> bool:
+    return n > 0 and round(n**0.5) ** 2 == n

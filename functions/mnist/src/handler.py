@@ -4,7 +4,8 @@ Input (one request):
 - a PNG or JPEG of a digit (any size, dark-on-light or light-on-dark);
 - JSON: an array of pixels or `{"pixels": [...]}` (64 UCI values 0..16, flat or 8x8, or any
   square gray image such as 28x28 MNIST), or a list of `{"pixels": ...}` objects for a batch;
-- CSV lines in the seed's csv2 layout (`label,p0,...,p63`, or the 64 pixels alone);
+- CSV lines in the seeds' csv2 layout: `label,pixels...` (64 UCI pixels, or 784 = MNIST's 28x28
+  0..255), or the pixels alone;
 - nothing, through the HTTP trigger: the demo web page (upload or draw a digit).
 Output: JSON `{"digit": d, "probabilities": [p0..p9]}` (a list for batches; csv2 input gets CSV
 lines `label,prediction,probability`).
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from digits import MAX_PIXEL, N_PIXELS, as_pixels, image_pixels, load_model
+from digits import MAX_PIXEL, as_pixels, csv2_row, image_pixels, load_model
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
@@ -77,11 +78,13 @@ class Handler:
             try:
                 values = [float(v) for v in line.split(",")]
             except ValueError:
-                raise ValueError(f"line {number}: not csv2 (label,{N_PIXELS} pixels) numbers") from None
-            if len(values) not in (N_PIXELS, N_PIXELS + 1):
-                raise ValueError(f"line {number}: {len(values)} values; csv2 rows hold label + {N_PIXELS}")
-            labels.append(int(values[0]) if len(values) > N_PIXELS else -1)
-            rows.append(as_pixels(values[-N_PIXELS:]))
+                raise ValueError(f"line {number}: not csv2 numbers (label,pixels...)") from None
+            try:
+                label, pixels = csv2_row(values)
+            except ValueError as exc:
+                raise ValueError(f"line {number}: {exc}") from None
+            labels.append(label)
+            rows.append(pixels)
         probabilities = self.net.probabilities(np.stack(rows) / MAX_PIXEL)
         out = [f"{label},{p.argmax()},{p.max():.6f}" for label, p in zip(labels, probabilities, strict=True)]
         return ("\n".join(out) + "\n").encode(), "text/csv"
