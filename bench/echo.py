@@ -36,7 +36,7 @@ async def main(args: argparse.Namespace) -> None:
         request = wpb.Request(input=PAYLOAD)
 
         async def inproc() -> object:
-            return runtime.invoke(request)
+            return await runtime.invoke_async(request) if runtime.is_async else runtime.invoke(request)
 
         rows.append(
             await measure("(a) in-process handler", inproc, args.calls, args.concurrency, args.seconds)

@@ -90,6 +90,8 @@ async def main(args: argparse.Namespace) -> None:
                 request = wpb.Request(input=payload)
 
                 async def inproc(runtime=runtime, request=request) -> object:
+                    if runtime.is_async:
+                        return await runtime.invoke_async(request)
                     return runtime.invoke(request)
 
                 invoke = gpb.InvokeServiceRequest(Service=name, Input=payload)

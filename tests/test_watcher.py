@@ -149,3 +149,44 @@ def test_load_failure_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 3
     assert b"badimport: handler failed to load: importing handler.py failed: ModuleNotFoundError" in err
+
+
+def test_async_handlers_run_on_the_loop_with_the_same_statuses() -> None:
+    async def echo(req):  # type: ignore[no-untyped-def]
+        if req.input == b"bad":
+            raise ValueError("bad input")
+        if req.input == b"boom":
+            raise RuntimeError("boom")
+        return req.input, "text/plain"
+
+    class Model:
+        async def __call__(self, req):  # type: ignore[no-untyped-def]
+            return b"model:" + req.input
+
+    rt, cls_rt = FunctionRuntime("a", echo), FunctionRuntime("m", Model())
+    assert rt.is_async and cls_rt.is_async
+    assert not FunctionRuntime("s", lambda req: req.input).is_async
+    assert not FunctionRuntime("c", load_handler(FN / "cls/src/handler.py")).is_async
+    import asyncio
+
+    reply = asyncio.run(rt.invoke_async(wpb.Request(input=b"x")))
+    assert (reply.Output, reply.ContentType) == (b"x", "text/plain")
+    assert asyncio.run(cls_rt.invoke_async(wpb.Request(input=b"y"))).Output == b"model:y"
+    assert cls_rt.invoke(wpb.Request(input=b"z")).Output == b"model:z"  # outside a loop, too
+    for data, code in ((b"bad", grpc.StatusCode.INVALID_ARGUMENT), (b"boom", grpc.StatusCode.INTERNAL)):
+        with pytest.raises(InvokeError) as err:
+            asyncio.run(rt.invoke_async(wpb.Request(input=data)))
+        assert err.value.code == code
+
+
+def test_async_handler_calls_overlap_in_the_watcher(tmp_path: Path) -> None:
+    """Three calls must be inside the handler at once, or each fails after 10 s."""
+    proc, address, _ = start_watcher(tmp_path, "together")
+    try:
+        wait_serving(address)
+        stub = wpb_grpc.FxWatcherStub(grpc.insecure_channel(address))
+        calls = [stub.Call.future(wpb.Request(input=b"3"), timeout=30) for _ in range(3)]
+        assert [c.result().Output for c in calls] == [b"together"] * 3
+    finally:
+        proc.terminate()
+        proc.wait(10)

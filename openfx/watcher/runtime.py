@@ -8,8 +8,13 @@ carries its own code, anything else is INTERNAL. The process keeps serving.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import logging
 import traceback
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -46,22 +51,49 @@ def to_reply(result: object) -> wpb.Reply:
 
 
 class FunctionRuntime:
-    """Calls the handler; never raises anything but `InvokeError`."""
+    """Calls the handler; never raises anything but `InvokeError`.
+
+    A plain `def` handler runs in the watcher's thread pool (it may block). An `async def` handler
+    (or a class with `async def __call__`) runs on the event loop itself, as in Starlette/FastAPI:
+    its author promises never to block, and each call saves the thread hand-off, which costs more
+    CPU than a small handler's own work (bench/README.md).
+    """
 
     def __init__(self, name: str, handler: HandlerFn) -> None:
         self.name = name
         self.handler = handler
+        # a function, or an instance whose class defines `async def __call__`
+        self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            type(handler).__call__
+        )
 
     def invoke(self, request: wpb.Request) -> wpb.Reply:
-        try:
-            return to_reply(self.handler(request))
-        except InvokeError:
-            raise
-        except ValueError as exc:
-            raise InvokeError(grpc.StatusCode.INVALID_ARGUMENT, _one_line(exc)) from exc
-        except Exception as exc:
-            log.error("handler raised %s", "".join(traceback.format_exception(exc)).rstrip())
-            raise InvokeError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {_one_line(exc)}") from exc
+        with _statuses():
+            result = self.handler(request)
+            if inspect.isawaitable(result):
+                result = asyncio.run(_awaited(result))  # an async handler called outside a loop (tests)
+            return to_reply(result)
+
+    async def invoke_async(self, request: wpb.Request) -> wpb.Reply:
+        with _statuses():
+            return to_reply(await self.handler(request))
+
+
+async def _awaited(result: Any) -> Any:
+    return await result
+
+
+@contextlib.contextmanager
+def _statuses() -> Iterator[None]:
+    try:
+        yield
+    except InvokeError:
+        raise
+    except ValueError as exc:
+        raise InvokeError(grpc.StatusCode.INVALID_ARGUMENT, _one_line(exc)) from exc
+    except Exception as exc:
+        log.error("handler raised %s", "".join(traceback.format_exception(exc)).rstrip())
+        raise InvokeError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {_one_line(exc)}") from exc
 
 
 def _one_line(exc: BaseException) -> str:

@@ -95,6 +95,8 @@ class Watcher:
         self.in_flight += 1
         self.idle.clear()
         try:
+            if runtime.is_async:
+                return await runtime.invoke_async(request)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.pool, runtime.invoke, request)
         finally:

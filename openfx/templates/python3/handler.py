@@ -6,6 +6,8 @@ def Handler(req):
     Return str, bytes or None. Raise ValueError for bad input (the caller gets
     INVALID_ARGUMENT / HTTP 400); any other exception is INTERNAL / HTTP 500.
     For one-time set-up (loading a model), write `class Handler` with
-    `__init__(self)` and `__call__(self, req)` instead.
+    `__init__(self)` and `__call__(self, req)` instead. A plain `def` runs in a
+    thread pool and may block; `async def Handler(req)` runs on the event loop
+    and must never block (await its I/O).
     """
     return b"Hello from OpenFx: " + req.input
