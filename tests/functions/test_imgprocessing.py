@@ -128,3 +128,6 @@ def test_through_gateway_grpc_http_and_stream(stack_gateway: RunningGateway) -> 
     assert call(stack_gateway, "echo", b"alive") == b"alive"
     r = requests.post(f"{stack_gateway.http_url}/function/imgprocessing", data=frame[:1000], timeout=30)
     assert r.status_code == 400 and "truncated JPEG" in r.text
+    bomb = png(np.zeros((7000, 7000), np.uint8))  # 49 MP in ~50 KB
+    r = requests.post(f"{stack_gateway.http_url}/function/imgprocessing", data=bomb, timeout=30)
+    assert r.status_code == 400 and "over the limit of 40000000 pixels" in r.text

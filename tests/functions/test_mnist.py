@@ -108,7 +108,7 @@ def test_json_csv_and_images_agree_with_the_pixels(handler) -> None:  # type: ig
 def test_any_size_either_polarity_png_or_jpeg(handler) -> None:  # type: ignore[no-untyped-def]
     r = X_TEST[3]
     want = predict(handler, json.dumps(r.tolist()).encode())["digit"]
-    for size in (16, 64, 400):
+    for size in (16, 64, 400, 2400):  # 2400 + margins = 3600x3600, shrunk before any float copy
         for dark in (True, False):
             for ext in (".png", ".jpg"):
                 assert predict(handler, digit_image(r, size, dark, ext))["digit"] == want, (size, dark, ext)
@@ -266,6 +266,9 @@ def test_through_the_gateway(stack_gateway: RunningGateway) -> None:
     assert posted.json()["digit"] == unary[0]
     bad = requests.post(f"{stack_gateway.http_url}/function/mnist", data=b"[1,2,3]", timeout=30)
     assert bad.status_code == 400 and "3 pixels" in bad.text
+    bomb = cv2.imencode(".png", np.zeros((7000, 7000), np.uint8))[1].tobytes()  # 49 MP in ~50 KB
+    bad = requests.post(f"{stack_gateway.http_url}/function/mnist", data=bomb, timeout=30)
+    assert bad.status_code == 400 and "over the limit of 40000000 pixels" in bad.text
     with pytest.raises(grpc.RpcError) as err:
         call(stack_gateway, "mnist", b"")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

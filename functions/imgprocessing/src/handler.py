@@ -11,7 +11,8 @@ IMG_FACE_WIDTH (320: faces are searched on a copy this wide).
 import os
 
 MAX_PIXELS = int(os.environ.get("IMG_MAX_PIXELS", str(40_000_000)))
-os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))  # refuse decompression bombs in imdecode
+# imdecode refuses images over this many pixels (decompression bombs); read when cv2 is imported
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -56,7 +57,10 @@ class Handler:
                 raise ValueError("truncated PNG (no IEND chunk)")
         else:
             raise ValueError("not a JPEG or PNG image")
-        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        try:
+            frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error:
+            raise ValueError(f"image over the limit of {MAX_PIXELS} pixels (IMG_MAX_PIXELS)") from None
         if frame is None:
             raise ValueError("the image could not be decoded (corrupt, or over IMG_MAX_PIXELS)")
         return frame

@@ -12,6 +12,7 @@ bitmap. `image_pixels` turns any PNG/JPEG of a digit into that form.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,10 @@ N_PIXELS = SIDE * SIDE
 N_CLASSES = 10
 MAX_PIXEL = 16.0
 MODEL = Path(__file__).resolve().parent / "model.json"
+MAX_IMAGE_PIXELS = int(os.environ.get("MNIST_MAX_PIXELS", str(40_000_000)))
+# imdecode refuses images over this many pixels (decompression bombs); read when cv2 is imported
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+WORKING_SIDE = 512  # larger uploads are shrunk first: a 32x32 bitmap needs no more
 
 
 def layer_shapes(layers: list[int]) -> list[tuple[int, int]]:
@@ -161,9 +166,16 @@ def image_pixels(data: bytes) -> np.ndarray:
 
     # a bad upload is answered with INVALID_ARGUMENT; libpng need not log it too
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        raise ValueError(f"image over the limit of {MAX_IMAGE_PIXELS} pixels (MNIST_MAX_PIXELS)") from None
     if image is None:
         raise ValueError("not a PNG or JPEG image (or a truncated one)")
+    h, w = image.shape[:2]
+    if max(h, w) > WORKING_SIDE:  # before the float copy: a phone photo would need ~300 MB
+        f = WORKING_SIDE / max(h, w)
+        image = cv2.resize(image, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
     gray = _gray(image.astype(np.float64) / (65535.0 if image.dtype == np.uint16 else 255.0))
     return bitmap_pixels(gray)
 

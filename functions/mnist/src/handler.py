@@ -12,6 +12,7 @@ lines `label,prediction,probability`).
 
 MNIST_MODEL chooses the model in model.json (`averaged`: the per-partition models averaged, or
 `mllib`: Spark MLlib's MultilayerPerceptron on all data); default: the file's `serve` entry.
+MNIST_MAX_PIXELS (40 MP) bounds a decoded upload (decompression bombs are refused).
 """
 
 from __future__ import annotations
