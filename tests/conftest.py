@@ -35,6 +35,7 @@ READY_FUNCTIONS = {
     "echopid",
     "onestream",
     "slow",
+    "slower",
 }
 
 

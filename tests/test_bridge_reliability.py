@@ -126,7 +126,8 @@ def test_bridge_killed_and_restarted(broker: Broker, tmp_path: Path, mode: str) 
         bridges.append(start_bridge(broker.port, address, log, *extra))
 
     try:
-        replies, dead = run_load(broker, "slow", 300, 100, kill_and_restart, at=1.5, settle=20)
+        # 16 handler threads x 0.3 s < 100 requests/s: dozens are in the bridge at the kill
+        replies, dead = run_load(broker, "slower", 300, 100, kill_and_restart, at=1.5, settle=30)
     finally:
         bridges[-1].send_signal(signal.SIGTERM)
         bridges[-1].wait(20)
