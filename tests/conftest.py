@@ -152,3 +152,9 @@ def stack_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningG
         yield gw
     finally:
         gw.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The collection's function tests run last: their session-wide stack (a Spark JVM included)
+    would otherwise load the machine during the timing-sensitive platform tests."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/functions/"))
