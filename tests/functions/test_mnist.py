@@ -282,3 +282,19 @@ def test_through_the_gateway(stack_gateway: RunningGateway) -> None:
         timeout=60,
     )
     assert out.returncode == 0 and out.stdout.decode().startswith(f"{Y_TEST[0]},{unary[0]},")
+
+
+def test_shipped_samples_are_reproducible_and_recognised(handler, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from samples import main as write_samples
+
+    assert write_samples(tmp_path) == 0
+    shipped = FN / "samples"
+    for digit in range(10):
+        png = (shipped / f"{digit}.png").read_bytes()
+        assert png == (tmp_path / f"{digit}.png").read_bytes()
+        assert predict(handler, png)["digit"] == digit
+    rows = (shipped / "csv2/part-0.csv").read_bytes()
+    assert rows == (tmp_path / "csv2/part-0.csv").read_bytes()
+    body, _ = handler(Req(rows))
+    answers = [line.split(",") for line in body.decode().splitlines()]
+    assert len(answers) == 100 and np.mean([a[0] == a[1] for a in answers]) > 0.9
