@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from openfx import parent
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
 
@@ -96,7 +97,7 @@ def _die_with_test_run() -> dict[str, str]:
     """A test run killed midway must not leave gateways (and their functions) running. The kernel
     ties this to the spawning *thread*, so a gateway restarted from a timer thread (fault tests)
     must not ask for it: it would be stopped the moment that thread ends."""
-    return {"OPENFX_DIE_WITH_PARENT": "1"} if threading.current_thread() is threading.main_thread() else {}
+    return {parent.ENV: "1"} if threading.current_thread() is threading.main_thread() else {}
 
 
 def start_gateway(

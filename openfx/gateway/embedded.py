@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from openfx import parent
 from openfx.deployment import FunctionDef
 from openfx.errors import InvokeError, not_found
 from openfx.gateway.framed_client import FramedClient
@@ -100,7 +101,7 @@ class Replica:
             "MAX_MESSAGE_BYTES": str(self.max_message_bytes),
             "PYTHONUNBUFFERED": "1",
             "WATCHER_LOG_PREFIX": "0",
-            "OPENFX_DIE_WITH_PARENT": "1",
+            parent.ENV: "1",
         }
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -14,7 +14,6 @@ import inspect
 import logging
 import traceback
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 
@@ -70,17 +69,13 @@ class FunctionRuntime:
     def invoke(self, request: wpb.Request) -> wpb.Reply:
         with _statuses():
             result = self.handler(request)
-            if inspect.isawaitable(result):
-                result = asyncio.run(_awaited(result))  # an async handler called outside a loop (tests)
+            if inspect.iscoroutine(result):  # an async handler called outside a loop (tests, benches)
+                result = asyncio.run(result)
             return to_reply(result)
 
     async def invoke_async(self, request: wpb.Request) -> wpb.Reply:
         with _statuses():
             return to_reply(await self.handler(request))
-
-
-async def _awaited(result: Any) -> Any:
-    return await result
 
 
 @contextlib.contextmanager

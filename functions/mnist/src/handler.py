@@ -43,16 +43,15 @@ class Handler:
                 return self.page, "text/html; charset=utf-8"
             raise ValueError("empty input: send a PNG/JPEG of a digit, JSON pixels or csv2 lines")
         if data.startswith(MAGIC):
-            return self._answer(image_pixels(data)[None, :])
+            return self._answer([image_pixels(data)], batch=False)
         text = data.decode("utf-8").strip()
         if text[0] in "[{":
             return self._json(text)
         return self._csv(text)
 
-    def _answer(self, pixels: np.ndarray) -> tuple[bytes, str]:
-        results = [self._result(p) for p in self.net.probabilities(pixels / MAX_PIXEL)]
-        body = results[0] if len(results) == 1 else results
-        return json.dumps(body).encode() + b"\n", "application/json"
+    def _answer(self, pixels: list[np.ndarray], batch: bool) -> tuple[bytes, str]:
+        results = [self._result(p) for p in self.net.probabilities(np.stack(pixels) / MAX_PIXEL)]
+        return json.dumps(results if batch else results[0]).encode() + b"\n", "application/json"
 
     @staticmethod
     def _result(probabilities: np.ndarray) -> dict[str, object]:
@@ -64,11 +63,8 @@ class Handler:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-        items = doc if _is_batch(doc) else [doc]
-        pixels = [as_pixels(_pixels_of(item)) for item in items]
-        body = [self._result(p) for p in self.net.probabilities(np.stack(pixels) / MAX_PIXEL)]
-        out = body if _is_batch(doc) else body[0]
-        return json.dumps(out).encode() + b"\n", "application/json"
+        batch = _is_batch(doc)
+        return self._answer([as_pixels(_pixels_of(item)) for item in (doc if batch else [doc])], batch)
 
     def _csv(self, text: str) -> tuple[bytes, str]:
         """csv2 rows in, `label,prediction,probability` rows out (label -1 when rows carry none)."""
