@@ -188,7 +188,17 @@ def test_function_killed_mid_stream_ends_it_with_unavailable(gateway: RunningGat
 def test_video_client_reports_and_optionally_reconnects(gateway: RunningGateway) -> None:
     def kill_soon() -> None:
         time.sleep(1.0)
-        os.kill(int(call(gateway, "echopid", b"pid")), signal.SIGKILL)
+        # the previous test's kill may still be restarting echopid: ask until it answers (bounded)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                pid = int(call(gateway, "echopid", b"pid"))
+                break
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_soon)
     killer.start()
