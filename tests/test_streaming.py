@@ -162,7 +162,7 @@ def test_stream_frame_error_keeps_its_status(stack_gateway: RunningGateway) -> N
 
 
 def test_function_killed_mid_stream_ends_it_with_unavailable(gateway: RunningGateway) -> None:
-    pid = int(call(gateway, "echopid", b"pid"))
+    pid = echopid_pid(gateway)
     stop = threading.Event()
 
     def paced() -> Iterator[gpb.InvokeServiceRequest]:
@@ -185,20 +185,23 @@ def test_function_killed_mid_stream_ends_it_with_unavailable(gateway: RunningGat
     wait_for(lambda: meta(gateway, "echopid").AvailableReplicas == 1, what="echopid restarted")
 
 
+def echopid_pid(gateway: RunningGateway) -> int:
+    """The echopid process's pid; a kill by an earlier test may still be restarting it, so ask
+    until it answers (bounded)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return int(call(gateway, "echopid", b"pid"))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_video_client_reports_and_optionally_reconnects(gateway: RunningGateway) -> None:
     def kill_soon() -> None:
         time.sleep(1.0)
-        # the previous test's kill may still be restarting echopid: ask until it answers (bounded)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                pid = int(call(gateway, "echopid", b"pid"))
-                break
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
+        os.kill(echopid_pid(gateway), signal.SIGKILL)
 
     killer = threading.Thread(target=kill_soon)
     killer.start()
