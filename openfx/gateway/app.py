@@ -52,6 +52,16 @@ class GatewaySettings:
     backend: str = "embedded"  # or "kubernetes": functions are Deployments in `namespace`
     namespace: str = "openfx-fn"
     function_address: str = "dns:///{name}.{namespace}.svc.cluster.local:50051"
+    # management (Deploy/Update/Delete/ReplicaUpdate/GetLog) needs a token even on loopback unless this
+    open_management: bool = False
+    admin_token_file: str | None = None  # the local admin token `openfx-cli up` creates (manage + invoke)
+    allowed_hosts: tuple[str, ...] = ()  # extra names the HTTP Host header may carry
+    allowed_origins: tuple[str, ...] = ()  # extra browser origins allowed besides the gateway's own
+    # embedded replicas: the user they run as when the gateway runs as root ("" = the gateway's own)
+    function_user: str | None = None  # None: openfx-fn if it exists, else nobody (only when root)
+    log_file: str | None = None  # the gateway's log (rotated); None: stderr
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 3
 
     @property
     def tls(self) -> bool:
@@ -99,6 +109,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("OPENFX_FUNCTION_ADDRESS", d.function_address),
         help="kubernetes backend: where a function's pods answer ({name}, {namespace})",
     )
+    parser.add_argument(
+        "--open-management",
+        action="store_true",
+        default=env("OPENFX_OPEN_MANAGEMENT") == "1",
+        help="DANGEROUS: let anyone who reaches loopback deploy code (for tools that cannot send tokens)",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        default=env("OPENFX_ADMIN_TOKEN_FILE"),
+        help="file holding the local admin token (openfx-cli up creates it); invoking stays open on loopback",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[h for h in (env("OPENFX_ALLOWED_HOSTS") or "").split(",") if h],
+        help="another name the HTTP Host header may carry (repeatable)",
+    )
+    parser.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[o for o in (env("OPENFX_ALLOWED_ORIGINS") or "").split(",") if o],
+        help="another browser origin allowed to call the gateway (repeatable)",
+    )
+    parser.add_argument(
+        "--function-user",
+        default=env("OPENFX_FUNCTION_USER"),
+        help="user the replicas run as when the gateway runs as root (default openfx-fn, else nobody)",
+    )
+    parser.add_argument("--log-file", default=env("OPENFX_LOG_FILE"), help="write the log here, rotated")
+    parser.add_argument(
+        "--log-max-bytes", type=int, default=int(env("OPENFX_LOG_MAX_BYTES", d.log_max_bytes))
+    )
+    parser.add_argument("--log-backups", type=int, default=int(env("OPENFX_LOG_BACKUPS", d.log_backups)))
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
@@ -116,6 +159,14 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         backend=args.backend,
         namespace=args.namespace,
         function_address=args.function_address,
+        open_management=args.open_management,
+        admin_token_file=args.admin_token_file,
+        allowed_hosts=tuple(args.allowed_host),
+        allowed_origins=tuple(args.allowed_origin),
+        function_user=args.function_user,
+        log_file=args.log_file,
+        log_max_bytes=args.log_max_bytes,
+        log_backups=args.log_backups,
     )
 
 
