@@ -9,6 +9,7 @@ them, so the same request deploys there too.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,49 @@ HANDLER_NAME = "openfx.handler.name"
 TIMEOUT = "openfx.timeout"
 MAX_INFLIGHT = "openfx.max_inflight"
 MAX_REQUEST_BYTES = "openfx.max_request_bytes"
+
+# Caps on what one Deploy may ask for: replicas are processes (the scale route has the same cap),
+# and the environment is passed to exec, which refuses past the kernel's argument limits.
+MAX_REPLICAS = 64
+MAX_ENV_VARS = 256
+MAX_ENV_VALUE_BYTES = 32 * 1024
+MAX_ENV_TOTAL_BYTES = 256 * 1024
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HANDLER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_replicas(count: int, what: str = "replicas") -> None:
+    if not 0 <= count <= MAX_REPLICAS:
+        raise InvokeError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{what} must be between 0 and {MAX_REPLICAS}, got {count}"
+        )
+
+
+def _check_env(env: dict[str, str]) -> None:
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if len(env) > MAX_ENV_VARS:
+        raise InvokeError(bad, f"{len(env)} environment variables; at most {MAX_ENV_VARS}")
+    total = 0
+    for key, value in env.items():
+        if not ENV_NAME_RE.match(key):
+            raise InvokeError(bad, f"environment variable name {key[:64]!r} is not a valid name")
+        if "\0" in value:
+            raise InvokeError(bad, f"environment variable {key} holds a NUL byte")
+        size = len(key.encode()) + len(value.encode()) + 2
+        if size > MAX_ENV_VALUE_BYTES:
+            raise InvokeError(bad, f"variable {key} is {size} bytes; at most {MAX_ENV_VALUE_BYTES}")
+        total += size
+    if total > MAX_ENV_TOTAL_BYTES:
+        raise InvokeError(bad, f"environment of {total} bytes; at most {MAX_ENV_TOTAL_BYTES} in all")
+
+
+def _check_handler(file: str, name: str) -> None:
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    parts = Path(file).parts
+    if not file or Path(file).is_absolute() or ".." in parts:
+        raise InvokeError(bad, f"{HANDLER_FILE} must be a path inside the source folder, got {file!r}")
+    if not HANDLER_NAME_RE.match(name):
+        raise InvokeError(bad, f"{HANDLER_NAME} must be a Python name, got {name!r}")
 
 
 def to_request(name: str, spec: FunctionSpec) -> gpb.CreateFunctionRequest:
@@ -83,7 +127,8 @@ class FunctionDef:
         bad = grpc.StatusCode.INVALID_ARGUMENT
         if not NAME_RE.match(req.Service):
             raise InvokeError(
-                bad, f"invalid function name {req.Service!r}: use lower-case letters, digits and '-'"
+                bad,
+                f"invalid function name {req.Service[:80]!r}: at most 63 lower-case letters, digits and '-'",
             )
         ann = dict(req.Annotations)
         try:
@@ -94,8 +139,10 @@ class FunctionDef:
             raise InvokeError(bad, f"bad annotation: {exc}") from None
         if timeout <= 0 or max_inflight < 1 or max_request_bytes < 0:
             raise InvokeError(bad, f"{TIMEOUT} must be > 0 and {MAX_INFLIGHT} >= 1")
-        if req.MinReplicas < 0:
-            raise InvokeError(bad, "MinReplicas must be >= 0")
+        check_replicas(req.MinReplicas, "MinReplicas")
+        check_replicas(req.MaxReplicas, "MaxReplicas")
+        _check_env(dict(req.EnvVars))
+        _check_handler(ann.get(HANDLER_FILE, "handler.py"), ann.get(HANDLER_NAME, "Handler"))
         source = ann.get(SOURCE)
         return cls(
             name=req.Service,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -21,13 +22,16 @@ import uvloop
 
 from openfx.bridge import mosquitto
 from openfx.config import ConfigError, StackFile, load_stack
-from openfx.gateway.app import Gateway, GatewaySettings, add_arguments, settings_from
+from openfx.gateway.app import Gateway, GatewaySettings, add_arguments, configure_logging, settings_from
 
 SUPERVISE_BACKOFF = (0.5, 10.0)
 
 
+log = logging.getLogger("openfx.platform")
+
+
 def _say(text: str) -> None:
-    print(f"platform: {text}", file=sys.stderr, flush=True)
+    log.info("platform: %s", text)
 
 
 async def _supervise(name: str, start, stop: asyncio.Event, first=None) -> None:  # type: ignore[no-untyped-def]
@@ -87,7 +91,13 @@ async def run(stack_path: Path, stack: StackFile, settings: GatewaySettings, sta
             return 1
         helpers.append(loop.create_task(_supervise("broker", start_broker, broker_stop, first)))
 
-    gateway = Gateway(settings, stack)
+    try:
+        gateway = Gateway(settings, stack)
+    except ConfigError as exc:
+        _say(str(exc))
+        broker_stop.set()
+        await asyncio.gather(*helpers)
+        return 2
     try:
         await gateway.start()
     except OSError as exc:
@@ -154,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-mqtt", action="store_true", help="start without the broker and bridge")
     p.add_argument("--state-dir", default=None, help="where the broker keeps its sessions (default .openfx/)")
     args = p.parse_args(argv)
+    settings = settings_from(args)
+    configure_logging(settings)
     try:
         stack = load_stack(args.file)
     except ConfigError as exc:
@@ -166,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     stack_path = Path(args.file).resolve()
     state_dir = Path(args.state_dir or os.environ.get("OPENFX_HOME") or stack_path.parent / ".openfx")
     state_dir.mkdir(parents=True, exist_ok=True)
-    settings = settings_from(args)
     raise SystemExit(uvloop.run(run(stack_path, stack, settings, state_dir)))
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ import grpc
 import pytest
 
 from openfx import parent
+from openfx.client_channel import gateway_channel
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
 
@@ -40,6 +43,19 @@ READY_FUNCTIONS = {
 }
 
 
+# The test run's local admin token, as `openfx-cli up` would make one: management needs it even on
+# loopback, so test gateways get it and the harness (stubs, CLI calls, REST writes) sends it.
+ADMIN_TOKEN = secrets.token_urlsafe(24)
+_TOKEN_DIR = Path(tempfile.mkdtemp(prefix="openfx-test-token-"))
+ADMIN_TOKEN_FILE = _TOKEN_DIR / "token"
+ADMIN_TOKEN_FILE.write_text(ADMIN_TOKEN + "\n")
+ADMIN_TOKEN_FILE.chmod(0o600)
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# a user config naming that token file, as `openfx-cli up` leaves ~/.openfx/config.yaml (CLI tests use it)
+USER_CONFIG = _TOKEN_DIR / "config.yaml"
+USER_CONFIG.write_text(f"openfx:\n  token_file: {ADMIN_TOKEN_FILE}\n")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,13 +68,24 @@ class RunningGateway:
     grpc_address: str
     http_url: str
     log_path: Path
+    admin_token: str | None = None
 
-    def channel(self) -> grpc.Channel:
+    def channel(self, token: str | None = "admin") -> grpc.Channel:
+        """A channel as the harness's admin (the default), or with `token`, or anonymous (None)."""
         opts = [("grpc.max_receive_message_length", 256 * MiB), ("grpc.max_send_message_length", 256 * MiB)]
-        return grpc.insecure_channel(self.grpc_address, options=opts)
+        if token == "admin":
+            token = self.admin_token
+        if token is None:
+            return grpc.insecure_channel(self.grpc_address, options=opts)
+        return gateway_channel(self.grpc_address, token, None, options=opts)
 
-    def stub(self) -> gpb_grpc.FxGatewayStub:
-        return gpb_grpc.FxGatewayStub(self.channel())
+    def stub(self, token: str | None = "admin") -> gpb_grpc.FxGatewayStub:
+        return gpb_grpc.FxGatewayStub(self.channel(token))
+
+    @property
+    def admin_env(self) -> dict[str, str]:
+        """Environment for CLI subprocesses that manage this gateway."""
+        return {"OPENFX_TOKEN": self.admin_token} if self.admin_token else {}
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -107,9 +134,12 @@ def start_gateway(
     env: dict[str, str] | None = None,
     grpc_address: str | None = None,
     http_address: str | None = None,
+    admin: bool = True,
 ) -> RunningGateway:
+    """A gateway process; with `admin`, it takes the run's local admin token for management."""
     grpc_address = grpc_address or f"127.0.0.1:{free_port()}"
     http_address = http_address or f"127.0.0.1:{free_port()}"
+    access = ["--admin-token-file", str(ADMIN_TOKEN_FILE)] if admin else []
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [
@@ -122,6 +152,7 @@ def start_gateway(
                 grpc_address,
                 "--http",
                 http_address,
+                *access,
                 *extra,
             ],
             stdout=log,
@@ -129,7 +160,9 @@ def start_gateway(
             env={**os.environ, **_die_with_test_run(), **(env or {})},
             cwd=ROOT,
         )
-    return RunningGateway(process, grpc_address, f"http://{http_address}", log_path)
+    return RunningGateway(
+        process, grpc_address, f"http://{http_address}", log_path, ADMIN_TOKEN if admin else None
+    )
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT, RunningGateway, free_port
+from tests.conftest import ROOT, USER_CONFIG, RunningGateway, free_port
 from tests.mqtt_helpers import Device
 
 CLI = str(Path(sys.executable).parent / "openfx-cli")
@@ -25,7 +25,7 @@ def cli(
         capture_output=True,
         cwd=cwd,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "OPENFX_CONFIG": str(USER_CONFIG), **(env or {})},
     )
 
 

@@ -16,7 +16,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from openfx.config import load_stack
 from openfx.deployment import to_request
 from openfx.pb import fxgateway_pb2 as gpb
-from tests.conftest import FIXTURES, RunningGateway
+from tests.conftest import ADMIN_HEADERS, FIXTURES, RunningGateway
+
+JSON_ADMIN = {**ADMIN_HEADERS, "Content-Type": "application/json"}
 
 
 def meta(gw: RunningGateway, name: str) -> gpb.Function:
@@ -88,7 +90,7 @@ def test_get_log_returns_function_output(gateway: RunningGateway) -> None:
 
     text = wait_for(log_with_print, what="the print in the log")
     assert "printer[0]: printer got 5 bytes" in text
-    r = requests.get(f"{gateway.http_url}/system/function-log/printer", timeout=5)
+    r = requests.get(f"{gateway.http_url}/system/function-log/printer", headers=ADMIN_HEADERS, timeout=5)
     assert "printer got 5 bytes" in r.text
 
 
@@ -144,7 +146,9 @@ def test_deploy_rejects_bad_requests(gateway: RunningGateway) -> None:
         with pytest.raises(grpc.RpcError) as err:
             stub.Deploy(request, timeout=10)
         assert err.value.code() == code, err.value.details()
-    r = requests.post(f"{gateway.http_url}/system/functions", data=b"{not json", timeout=5)
+    r = requests.post(
+        f"{gateway.http_url}/system/functions", data=b"{not json", headers=JSON_ADMIN, timeout=5
+    )
     assert r.status_code == 400 and "bad JSON" in r.json()["message"]
 
 
@@ -152,18 +156,19 @@ def test_rest_deploy_and_scale(gateway: RunningGateway) -> None:
     from google.protobuf import json_format
 
     body = json_format.MessageToJson(spec_request("restecho", "pid"))
-    assert requests.post(f"{gateway.http_url}/system/functions", data=body, timeout=30).json() == {
-        "Msg": "OK"
-    }
+    r = requests.post(f"{gateway.http_url}/system/functions", data=body, headers=JSON_ADMIN, timeout=30)
+    assert r.json() == {"Msg": "OK"}
     wait_for(lambda: meta(gateway, "restecho").AvailableReplicas == 1, what="restecho ready")
     r = requests.put(
         f"{gateway.http_url}/system/scale-function",
         json={"ServiceName": "restecho", "Replicas": "2"},
+        headers=ADMIN_HEADERS,
         timeout=30,
     )
     assert r.status_code == 200
     wait_for(lambda: meta(gateway, "restecho").AvailableReplicas == 2, what="2 replicas")
-    assert requests.delete(f"{gateway.http_url}/system/function/restecho", timeout=30).status_code == 200
+    r = requests.delete(f"{gateway.http_url}/system/function/restecho", headers=ADMIN_HEADERS, timeout=30)
+    assert r.status_code == 200
 
 
 def test_killed_process_is_restarted_and_callers_get_unavailable(gateway: RunningGateway) -> None:

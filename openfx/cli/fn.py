@@ -13,6 +13,7 @@ import yaml
 
 from openfx.cli.aliases import AliasGroup
 from openfx.cli.gateway_client import Gateway, resolve_gateway
+from openfx.cli.token import configured_token_file, read_token
 from openfx.config import NAME_RE, ConfigError, StackFile, load_stack
 from openfx.deployment import to_request
 from openfx.pb import fxgateway_pb2 as gpb
@@ -36,19 +37,22 @@ def _user_config() -> str | None:
 
 
 def _gateway(ctx: click.Context, config: str | None = None) -> Gateway:
-    config_gateway = token = tls_ca = None
+    """The gateway to talk to; the token comes from OPENFX_TOKEN, else the config file's
+    `openfx.token_file`, else the user config's (where `openfx-cli up` put the local admin token)."""
+    config_gateway = tls_ca = None
+    token_file: Path | None = None
     if not (config and Path(config).is_file()):
         config = _user_config()
     if config and Path(config).is_file():
         spec = _load(config).openfx
-        config_gateway, tls_ca = spec.gateway, spec.tls_ca
-        if spec.token_file and not os.environ.get("OPENFX_TOKEN"):
-            try:
-                token = Path(spec.token_file).expanduser().read_text().strip()
-            except OSError as exc:
-                raise click.ClickException(
-                    f"cannot read token_file {spec.token_file}: {exc.strerror}"
-                ) from None
+        # a config that does not name a gateway must not hide OPENFX_URL behind the default
+        config_gateway = spec.gateway if "gateway" in spec.model_fields_set else None
+        tls_ca = spec.tls_ca
+        token_file = Path(spec.token_file).expanduser() if spec.token_file else None
+    if token_file is None:
+        token_file = configured_token_file()
+        token_file = token_file if token_file is not None and token_file.exists() else None
+    token = read_token(token_file) if token_file and not os.environ.get("OPENFX_TOKEN") else None
     return Gateway(resolve_gateway(ctx.obj.get("gateway"), config_gateway), token, tls_ca)
 
 

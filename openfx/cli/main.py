@@ -9,6 +9,7 @@ from openfx.cli.aliases import AliasGroup
 from openfx.cli.fn import function
 from openfx.cli.k8s import k8s
 from openfx.cli.platform import down, up
+from openfx.cli.token import token
 
 
 class Root(AliasGroup):
@@ -44,3 +45,4 @@ cli.add_command(function)
 cli.add_command(k8s)
 cli.add_command(up)
 cli.add_command(down)
+cli.add_command(token)

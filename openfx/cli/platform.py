@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from openfx.cli.token import ensure_local_token
 from openfx.config import ConfigError, load_stack
 from openfx.gateway.app import GatewaySettings
 
@@ -59,6 +60,11 @@ def _running_pid(pid_file: Path) -> int | None:
 @click.option("--mqtt-port", type=int, default=None, help="broker port (default: the stack file's mqtt.port)")
 @click.option("--no-mqtt", is_flag=True, help="start without the MQTT broker and bridge")
 @click.option("--timeout", default=180.0, show_default=True, help="seconds to wait for readiness (-d)")
+@click.option(
+    "--open-management",
+    is_flag=True,
+    help="DANGEROUS: no token for deploy/delete/scale/logs on loopback (for tools that cannot send one)",
+)
 def up(
     stack_file: str,
     detach: bool,
@@ -67,12 +73,28 @@ def up(
     mqtt_port: int | None,
     no_mqtt: bool,
     timeout: float,
+    open_management: bool,
 ) -> None:
-    """Start the gateway, every function of the stack file, the MQTT broker and the bridge."""
+    """Start the gateway, every function of the stack file, the MQTT broker and the bridge.
+
+    Calling functions stays open on loopback; managing them needs the local admin token this
+    command creates (our CLI reads it by itself; `openfx-cli token` prints it)."""
     try:
         load_stack(stack_file)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    access: list[str] = []
+    if open_management:
+        click.echo(
+            "WARNING: --open-management: any local user or program (and any web page able to reach "
+            "127.0.0.1) that can send JSON can deploy code on this machine",
+            err=True,
+        )
+        access = ["--open-management"]
+    else:
+        token_file = ensure_local_token()
+        access = ["--admin-token-file", str(token_file)]
+        click.echo(f"management token: {token_file} (print it with 'openfx-cli token')", err=True)
     args = [
         sys.executable,
         "-m",
@@ -83,6 +105,7 @@ def up(
         grpc_address,
         "--http",
         http_address,
+        *access,
     ]
     if mqtt_port is not None:
         args += ["--mqtt-port", str(mqtt_port)]
@@ -94,11 +117,15 @@ def up(
     pid_file = folder / "gateway.pid"
     if (pid := _running_pid(pid_file)) is not None:
         raise click.ClickException(f"already running (pid {pid}); stop it with 'openfx-cli down'")
-    log_path = folder / "gateway.log"
+    log_path = folder / "gateway.log"  # rotated by the platform itself (--log-file)
     before = log_path.read_text(errors="replace").count("platform: ready") if log_path.exists() else 0
-    with open(log_path, "ab") as log:
+    with open(folder / "platform.out", "ab") as out:  # what is written before logging is set up
         proc = subprocess.Popen(
-            args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            [*args, "--log-file", str(log_path)],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     pid_file.write_text(str(proc.pid))
     _wait_until_ready(proc, timeout, log_path, before)
@@ -118,9 +145,12 @@ def _wait_until_ready(proc: subprocess.Popen[bytes], timeout: float, log_path: P
     ) as bar:
         task = bar.add_task("starting", total=None)
         while time.monotonic() < deadline:
-            lines = log_path.read_text(errors="replace").splitlines()
+            lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
             if proc.poll() is not None:
-                raise click.ClickException(f"exited with code {proc.returncode}: " + " | ".join(lines[-5:]))
+                early = (log_path.parent / "platform.out").read_text(errors="replace").splitlines()
+                raise click.ClickException(
+                    f"exited with code {proc.returncode}: " + " | ".join((lines or early)[-5:])
+                )
             ready = [line for line in lines if line.startswith("platform: ready")]
             if len(ready) > before:
                 if "NOT ready" in ready[-1]:

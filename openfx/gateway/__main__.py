@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 import uvloop
 
 from openfx.config import ConfigError, load_stack
-from openfx.gateway.app import add_arguments, serve, settings_from
+from openfx.gateway.app import add_arguments, configure_logging, serve, settings_from
 from openfx.parent import die_with_parent_if_asked
 
 
@@ -20,13 +19,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-functions", action="store_true", help="start with no function deployed")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(message)s")
+    settings = settings_from(args)
+    configure_logging(settings)
     try:
         stack = None if args.no_functions else load_stack(args.file)
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    settings = settings_from(args)
     die_with_parent_if_asked()
     uvloop.run(serve(settings, stack))
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import logging.handlers
 import os
 import shutil
 import signal
@@ -20,11 +21,12 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from openfx.config import StackFile
+from openfx.config import ConfigError, StackFile
 from openfx.deployment import FunctionDef, to_request
-from openfx.gateway.auth import AuthInterceptor, TokenStore, is_loopback
+from openfx.gateway.auth import ANY, INVOKE, MANAGE, AuthInterceptor, TokenStore, is_loopback
 from openfx.gateway.embedded import EmbeddedBackend
 from openfx.gateway.grpc_api import GatewayServicer
+from openfx.gateway.guards import HostNames, browser_guard
 from openfx.gateway.http_api import build_app
 from openfx.gateway.invoker import Invoker
 from openfx.gateway.management import Management
@@ -44,6 +46,7 @@ class GatewaySettings:
     ready_timeout: float = 120.0
     max_streams: int = 256  # open Invokes streams, all functions together
     http_body_timeout: float = 30.0  # a client slower than this sending its body gets 408
+    http_header_timeout: float = 15.0  # request headers (and idle keep-alive) must arrive within this
     tokens_file: str | None = None  # else OPENFX_TOKENS_FILE / OPENFX_ADMIN_TOKEN / OPENFX_INVOKE_TOKEN
     allow_unauthenticated: bool = False  # needed to run without tokens on a non-loopback address
     tls_cert: str | None = None
@@ -81,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-streams", type=int, default=int(env("OPENFX_MAX_STREAMS", d.max_streams)))
     parser.add_argument(
         "--http-body-timeout", type=float, default=float(env("OPENFX_HTTP_BODY_TIMEOUT", d.http_body_timeout))
+    )
+    parser.add_argument(
+        "--http-header-timeout",
+        type=float,
+        default=float(env("OPENFX_HTTP_HEADER_TIMEOUT", d.http_header_timeout)),
+        help="close HTTP connections whose request headers take longer (slowloris), and idle ones",
     )
     parser.add_argument(
         "--tokens-file", default=env("OPENFX_TOKENS_FILE"), help="bearer tokens and scopes (YAML)"
@@ -151,6 +160,7 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         max_message_bytes=args.max_message_bytes,
         max_streams=args.max_streams,
         http_body_timeout=args.http_body_timeout,
+        http_header_timeout=args.http_header_timeout,
         tokens_file=args.tokens_file,
         allow_unauthenticated=args.allow_unauthenticated,
         tls_cert=args.tls_cert,
@@ -186,7 +196,11 @@ class Gateway:
         self.backend = self._make_backend()
         self.backend.on_gauge = self.metrics.set_replicas
         self.invoker = Invoker(self.backend, self.metrics, max_streams=settings.max_streams)
-        self.tokens = TokenStore.from_environment(settings.tokens_file)
+        self.tokens = TokenStore.from_environment(
+            settings.tokens_file,
+            admin_token_file=settings.admin_token_file,
+            open_management=settings.open_management,
+        )
         self.manage = Management(self.backend, self.invoker, settings.http_address)
         self.grpc_server: grpc.aio.Server | None = None
         self.http_runner: web.AppRunner | None = None
@@ -213,6 +227,16 @@ class Gateway:
             )
         if bool(s.tls_cert) != bool(s.tls_key):
             raise OSError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        if s.open_management:
+            if self.tokens.enabled:
+                raise OSError("--open-management contradicts the configured tokens: use one or the other")
+            if not loopback:
+                raise OSError("--open-management is allowed only when both listeners are on loopback")
+            log.warning(
+                "gateway: WARNING: management is OPEN (--open-management): any local user or program "
+                "that reaches %s can deploy code and run it as the functions' user",
+                s.grpc_address,
+            )
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         s = self.settings
@@ -231,6 +255,12 @@ class Gateway:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
+    def _own_hosts(self) -> HostNames:
+        """The names the HTTP Host header may carry: loopback names with the bound port, the bound
+        address, and --allowed-host names (with a port: exactly; without: any port)."""
+        host, port = split_host_port(self.settings.http_address)
+        return HostNames.for_listener(host, port, self.settings.allowed_hosts)
+
     async def start(self) -> None:
         s = self.settings
         self._check_exposure()
@@ -238,9 +268,8 @@ class Gateway:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
         ]
-        interceptors = (
-            [AuthInterceptor(self.tokens, self.metrics.auth_rejected)] if self.tokens.enabled else []
-        )
+        everything_open = all(self.tokens.is_open(scope) for scope in (INVOKE, MANAGE, ANY))
+        interceptors = [] if everything_open else [AuthInterceptor(self.tokens, self.metrics.auth_rejected)]
         server = grpc.aio.server(options=options, interceptors=interceptors)
         servicer = GatewayServicer(self.manage)
         gpb_grpc.add_FxGatewayServicer_to_server(servicer, server)
@@ -259,7 +288,11 @@ class Gateway:
         self.grpc_server = server
 
         app = build_app(self.manage, self.metrics, s.max_message_bytes, self.tokens, s.http_body_timeout)
-        self.http_runner = web.AppRunner(app, access_log=None, shutdown_timeout=s.grace_seconds)
+        app.middlewares.insert(0, browser_guard(self._own_hosts(), s.allowed_origins, self.metrics.registry))
+        # aiohttp closes a connection whose request headers (or next request) do not arrive in time
+        self.http_runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=s.grace_seconds, keepalive_timeout=s.http_header_timeout
+        )
         await self.http_runner.setup()
         host, port = split_host_port(s.http_address)
         ssl_context = self._ssl_context() if s.tls else None
@@ -289,7 +322,11 @@ class Gateway:
 
 async def serve(settings: GatewaySettings, stack: StackFile | None, announce: bool = True) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
-    gateway = Gateway(settings, stack)
+    try:
+        gateway = Gateway(settings, stack)
+    except ConfigError as exc:
+        log.error("gateway: %s", exc)
+        raise SystemExit(2) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -297,7 +334,7 @@ async def serve(settings: GatewaySettings, stack: StackFile | None, announce: bo
     try:
         await gateway.start()
     except OSError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
+        log.error("gateway: %s", exc)
         await gateway.stop()
         raise SystemExit(1) from None
     if announce:
@@ -308,15 +345,31 @@ async def serve(settings: GatewaySettings, stack: StackFile | None, announce: bo
         if waiter in done:
             not_ready = waiter.result()
             names = ", ".join(gateway.backend.functions) or "none"
-            print(
-                f"gateway: ready on grpc {settings.grpc_address}, http http://{settings.http_address} "
-                f"(functions: {names})" + (f"; NOT ready: {', '.join(not_ready)}" if not_ready else ""),
-                file=sys.stderr,
-                flush=True,
+            log.info(
+                "gateway: ready on grpc %s, http http://%s (functions: %s)%s",
+                settings.grpc_address,
+                settings.http_address,
+                names,
+                f"; NOT ready: {', '.join(not_ready)}" if not_ready else "",
             )
         else:
             waiter.cancel()
     await stop.wait()
-    print("gateway: stopping (draining in-flight calls)", file=sys.stderr, flush=True)
+    log.info("gateway: stopping (draining in-flight calls)")
     with contextlib.suppress(Exception):
         await gateway.stop()
+
+
+def configure_logging(settings: GatewaySettings) -> None:
+    """One line per event on stderr, or in a size-rotated file (--log-file): a function that prints
+    100,000 lines must not fill the disk of a platform left running."""
+    handler: logging.Handler
+    if settings.log_file:
+        Path(settings.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            settings.log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups
+        )
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), handlers=[handler], force=True)

@@ -7,8 +7,11 @@ file (OPENFX_TOKENS_FILE) or the environment (OPENFX_ADMIN_TOKEN: both scopes,
 OPENFX_INVOKE_TOKEN: invoke only), never from the repository. Only SHA-256 digests are
 kept, compared in constant time.
 
-A gateway with no tokens runs open only when every listener is on loopback (the embedded
-demo); bound to anything else it refuses to start unless told --allow-unauthenticated.
+Managing means running code as the gateway's user, so it is never open by default. A
+gateway with no tokens (the embedded demo, on loopback only) leaves invoking and reading
+open and takes management only with the local admin token `openfx-cli up` writes
+(--admin-token-file); `--open-management` (loopback only) is the loud way out for tools that
+cannot send a token.
 """
 
 from __future__ import annotations
@@ -71,17 +74,39 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+MANAGEMENT_CLOSED = (
+    "management needs a token, even on loopback: use the one 'openfx-cli up' wrote "
+    "('openfx-cli token' prints it), configure OPENFX_ADMIN_TOKEN, or start the gateway "
+    "with --open-management"
+)
+
+
 class TokenStore:
-    def __init__(self, tokens: list[Token]) -> None:
-        self.tokens = tokens
+    """The tokens a gateway accepts, and which scopes are open without one."""
+
+    def __init__(
+        self, tokens: list[Token], local_admin: Token | None = None, open_management: bool = False
+    ) -> None:
+        self.tokens = tokens  # configured tokens: with any, every scope needs a token
+        self.local_admin = local_admin
+        self.open_management = open_management
+        self.accepted = [*tokens, local_admin] if local_admin else list(tokens)
+        self.open_scopes: frozenset[str] = (
+            frozenset() if tokens else frozenset({INVOKE, ANY} | ({MANAGE} if open_management else set()))
+        )
 
     @property
     def enabled(self) -> bool:
+        """Configured tokens guard every scope (invoking included)."""
         return bool(self.tokens)
 
     @classmethod
     def from_environment(
-        cls, tokens_file: str | None = None, env: dict[str, str] | None = None
+        cls,
+        tokens_file: str | None = None,
+        env: dict[str, str] | None = None,
+        admin_token_file: str | None = None,
+        open_management: bool = False,
     ) -> TokenStore:
         env = dict(os.environ if env is None else env)
         tokens: list[Token] = []
@@ -92,12 +117,18 @@ class TokenStore:
             tokens.append(Token("env-admin", _digest(env["OPENFX_ADMIN_TOKEN"]), frozenset(SCOPES)))
         if env.get("OPENFX_INVOKE_TOKEN"):
             tokens.append(Token("env-invoke", _digest(env["OPENFX_INVOKE_TOKEN"]), frozenset({INVOKE})))
-        return cls(tokens)
+        local = _read_admin_token_file(Path(admin_token_file)) if admin_token_file else None
+        return cls(tokens, local, open_management)
+
+    def is_open(self, scope: str | None) -> bool:
+        return scope is None or scope in self.open_scopes
 
     def check(self, authorization: str | None, scope: str) -> Token | None:
         """Raise AuthError unless `authorization` ("Bearer <token>") grants `scope`."""
-        if not self.tokens:
+        if scope in self.open_scopes:
             return None
+        if not self.accepted:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, MANAGEMENT_CLOSED)
         if not authorization:
             raise AuthError(
                 grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (Authorization: Bearer <token>)"
@@ -109,7 +140,7 @@ class TokenStore:
             )
         presented = _digest(secret.strip())
         match = None
-        for token in self.tokens:  # no early exit: the time taken does not depend on which token matched
+        for token in self.accepted:  # no early exit: the time taken does not depend on which token matched
             if hmac.compare_digest(token.digest, presented):
                 match = token
         if match is None:
@@ -156,6 +187,24 @@ def _read_tokens_file(path: Path) -> list[Token]:
     return tokens
 
 
+def _read_admin_token_file(path: Path) -> Token:
+    """The local admin token: a secret file only its owner may read (like an ssh key)."""
+    from openfx.config import ConfigError
+
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the admin token file ({exc.strerror})") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"{path}: admin token file is readable by others (mode {mode & 0o777:o}); chmod 600 it"
+        )
+    if len(secret) < 16:
+        raise ConfigError(f"{path}: admin token is shorter than 16 characters")
+    return Token("local-admin", _digest(secret), frozenset(SCOPES))
+
+
 def is_loopback(address: str) -> bool:
     host = address.rpartition(":")[0].strip("[]")
     if host == "localhost":
@@ -181,11 +230,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         service, _, method = details.method.lstrip("/").partition("/")
         scope = GRPC_SCOPES.get(method) if service in GATEWAY_SERVICES else None
         handler = await continuation(details)
-        if scope is None or handler is None:
+        if handler is None or self.store.is_open(scope):
             return handler
         header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
         try:
-            self.store.check(header, scope)
+            self.store.check(header, scope)  # type: ignore[arg-type]
         except AuthError as exc:
             self.on_reject(exc)
             return _rejecting(handler, exc)

@@ -48,9 +48,26 @@ def _proto_json(message: ProtoMessage) -> web.Response:
     return web.json_response(body)
 
 
-async def _parse(request: web.Request, message: ProtoMessage) -> ProtoMessage:
+async def read_body(request: web.Request, timeout: float) -> bytes:
+    """The whole body, or InvokeError: 413 over the size limit, 408 when it does not arrive in time
+    (a client that never finishes its body must not hold a request open)."""
     try:
-        json_format.Parse(await request.text() or "{}", message)
+        return await asyncio.wait_for(request.read(), timeout)
+    except web.HTTPRequestEntityTooLarge:
+        raise InvokeError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request body over the limit of {request.app['max_body']} bytes",
+            http=413,
+        ) from None
+    except TimeoutError:
+        raise InvokeError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"request body not received within {timeout:g}s", http=408
+        ) from None
+
+
+def _parse(body: bytes, message: ProtoMessage) -> ProtoMessage:
+    try:
+        json_format.Parse(body.decode() or "{}", message)
     except (json_format.ParseError, UnicodeDecodeError) as exc:
         raise InvokeError(grpc.StatusCode.INVALID_ARGUMENT, f"bad JSON body: {exc}") from None
     return message
@@ -68,9 +85,9 @@ def build_app(
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         scope = http_scope(request.method, request.path)
-        if scope is not None and tokens is not None and tokens.enabled:
+        if tokens is not None and not tokens.is_open(scope):
             try:
-                tokens.check(request.headers.get("Authorization"), scope)
+                tokens.check(request.headers.get("Authorization"), scope)  # type: ignore[arg-type]
             except AuthError as exc:
                 metrics.auth_rejected(exc)
                 headers = {"WWW-Authenticate": "Bearer"} if exc.http == 401 else {}
@@ -78,19 +95,17 @@ def build_app(
         return await handler(request)
 
     app = web.Application(client_max_size=max_body, middlewares=[authenticate])
+    app["max_body"] = max_body
 
     async def invoke(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         if not NAME_RE.match(name):
             return _text(400, f"invalid function name {name!r}")
         try:
-            body = await asyncio.wait_for(request.read(), body_timeout)
-        except web.HTTPRequestEntityTooLarge:
-            metrics.observe(name, 413, 0.0)
-            return _text(413, f"request body over the limit of {max_body} bytes")
-        except TimeoutError:
-            metrics.observe(name, 408, 0.0)
-            return _text(408, f"request body not received within {body_timeout:g}s")
+            body = await read_body(request, body_timeout)
+        except InvokeError as exc:
+            metrics.observe(name, exc.http, 0.0)
+            return _text(exc.http, exc.message)
         try:
             reply = await invoker.invoke(name, body, "http")
         except InvokeError as exc:
@@ -116,11 +131,14 @@ def build_app(
     async def list_functions(request: web.Request) -> ProtoMessage:
         return await manage.list()
 
+    async def parse(request: web.Request, message: ProtoMessage) -> ProtoMessage:
+        return _parse(await read_body(request, body_timeout), message)
+
     async def deploy(request: web.Request) -> ProtoMessage:
-        return await manage.deploy(await _parse(request, gpb.CreateFunctionRequest()))
+        return await manage.deploy(await parse(request, gpb.CreateFunctionRequest()))
 
     async def update(request: web.Request) -> ProtoMessage:
-        return await manage.update(await _parse(request, gpb.CreateFunctionRequest()))
+        return await manage.update(await parse(request, gpb.CreateFunctionRequest()))
 
     async def get_meta(request: web.Request) -> ProtoMessage:
         return await manage.get_meta(request.match_info["name"])
@@ -129,7 +147,7 @@ def build_app(
         return await manage.delete(request.match_info["name"])
 
     async def scale(request: web.Request) -> ProtoMessage:
-        req = await _parse(request, gpb.ScaleServiceRequest())
+        req = await parse(request, gpb.ScaleServiceRequest())
         return await manage.scale(req.ServiceName, req.Replicas)
 
     async def info(request: web.Request) -> ProtoMessage:
