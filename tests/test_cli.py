@@ -115,12 +115,24 @@ def test_up_detached_and_down(tmp_path: Path) -> None:
         f"mqtt: {{port: {mqtt_port}, persistence: false, bridge: {ROOT}/broker/bridge.yaml}}\n"
     )
     grpc_address, http_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {"OPENFX_HOME": str(tmp_path / "state")}
+    user_config = tmp_path / "home" / "config.yaml"  # a new user: no config, no token yet
+    env = {"OPENFX_HOME": str(tmp_path / "state"), "OPENFX_CONFIG": str(user_config)}
     out = cli("up", "-d", "-f", str(stack), "--grpc", grpc_address, "--http", http_address, env=env)
     try:
         assert out.returncode == 0, out.stderr
         assert b"OpenFx is up" in out.stdout
+        token_file = user_config.with_name("token")
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        assert yaml.safe_load(user_config.read_text()) == {"openfx": {"token_file": str(token_file)}}
+        printed = cli("token", env=env).stdout.decode().strip()
+        assert printed == token_file.read_text().strip() and len(printed) >= 32
         assert cli("fn", "call", "echo", "-g", grpc_address, stdin=b"hi").stdout == b"hi"
+        # our CLI manages with the token by itself; anyone without it cannot
+        assert cli("fn", "log", "echo", "-g", grpc_address, env=env).returncode == 0
+        anonymous = cli(
+            "fn", "log", "echo", "-g", grpc_address, env={"OPENFX_CONFIG": str(tmp_path / "none")}
+        )
+        assert anonymous.returncode == 1 and b"management needs a token" in anonymous.stderr
         device = Device(mqtt_port, ["fn/echo/reply"])
         try:
             device.request("fn/echo", b"over mqtt")

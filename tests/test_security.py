@@ -123,9 +123,7 @@ def test_http_tokens_and_scopes(secured: RunningGateway) -> None:
     assert requests.get(system, timeout=10).status_code == 401
     assert requests.get(system, headers={"Authorization": f"Bearer {INVOKER}"}, timeout=10).status_code == 200
     assert (
-        requests.post(
-            system, data="{}", headers={"Authorization": f"Bearer {INVOKER}"}, timeout=10
-        ).status_code
+        requests.post(system, json={}, headers={"Authorization": f"Bearer {INVOKER}"}, timeout=10).status_code
         == 403
     )
     assert requests.get(f"{secured.http_url}/healthz", timeout=10).status_code == 200
@@ -297,7 +295,10 @@ def test_stream_cap_and_slow_http_body(tmp_path: Path) -> None:
 
         host, port = gw.http_url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(b"POST /function/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-ten-b")
+            sock.sendall(
+                b"POST /function/echo HTTP/1.1\r\nHost: %s:%s\r\nContent-Length: 100\r\n\r\nonly-ten-b"
+                % (host.encode(), port.encode())
+            )
             started = time.monotonic()
             reply = sock.recv(4096)
         assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5

@@ -1,7 +1,7 @@
 """The local admin token: what lets `openfx-cli` manage the embedded platform and nobody else.
 
 `openfx-cli up` makes it once (random, mode 0600) at the `openfx.token_file` of the user's
-config (`$OPENFX_CONFIG` or `~/.openfx/config.yaml`), writing that key if the config has none,
+config (`$OPENFX_CONFIG` or `~/.openfx/config.yaml`; else `token` beside it, and the key is written),
 and hands the file to the gateway. Every later `openfx-cli` call reads it from there, so the
 user never types it; `openfx-cli token` prints it for other tools (curl, KETI's CLI via a proxy).
 """
@@ -14,8 +14,6 @@ from pathlib import Path
 
 import click
 import yaml
-
-DEFAULT_TOKEN_FILE = "~/.openfx/token"
 
 
 def user_config_path() -> Path:
@@ -46,7 +44,8 @@ def ensure_local_token() -> Path:
     config = _read_config(config_path)
     section = config.setdefault("openfx", {}) or {}
     config["openfx"] = section
-    path = Path(section.get("token_file") or DEFAULT_TOKEN_FILE).expanduser()
+    # beside the config by default: ~/.openfx/token
+    path = Path(section.get("token_file") or config_path.with_name("token")).expanduser()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
