@@ -127,7 +127,7 @@ class TokenStore:
         """Raise AuthError unless `authorization` ("Bearer <token>") grants `scope`."""
         if scope in self.open_scopes:
             return None
-        if not self.accepted:
+        if not self.accepted or (not authorization and not self.tokens):
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, MANAGEMENT_CLOSED)
         if not authorization:
             raise AuthError(

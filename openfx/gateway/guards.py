@@ -96,7 +96,8 @@ def browser_guard(
             refused.labels("origin").inc()
             return _refuse(403, "request started by a page of another site refused")
         if (
-            request.path.startswith("/system/")
+            request.match_info.http_exception is None  # unrouted: 404 / 405 answer first
+            and request.path.startswith("/system/")
             and request.method in ("POST", "PUT", "PATCH", "DELETE")
             and (request.method != "DELETE" or request.body_exists)
             and request.content_type not in JSON_TYPES

@@ -85,7 +85,8 @@ def build_app(
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         scope = http_scope(request.method, request.path)
-        if tokens is not None and not tokens.is_open(scope):
+        unrouted = request.match_info.http_exception is not None  # 404 / 405 answer first
+        if tokens is not None and not unrouted and not tokens.is_open(scope):
             try:
                 tokens.check(request.headers.get("Authorization"), scope)  # type: ignore[arg-type]
             except AuthError as exc:
