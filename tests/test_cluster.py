@@ -90,6 +90,30 @@ def test_manifests_validate_against_kubernetes_schemas() -> None:
     assert {p["nodePort"] for p in gateway["spec"]["ports"]} == {31113, 31114}
 
 
+def test_gateway_manifest_admits_its_service_names_and_pod_ip_in_host() -> None:
+    """Prometheus scrapes the pod IP and in-cluster clients use the Service name: the rendered args,
+    parsed by the gateway's own flags (with the pod IP Kubernetes substitutes), admit both, and a
+    rebinding page's name stays out."""
+    import argparse
+
+    from openfx.gateway.app import add_arguments, settings_from
+    from openfx.gateway.guards import HostNames
+
+    docs = platform_manifests(allowed_hosts=("node1.example",))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in container["env"]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--no-functions", action="store_true")
+    add_arguments(parser)
+    args = [a.replace("$(POD_IP)", "10.244.1.7") for a in container["args"]]
+    settings = settings_from(parser.parse_args(args))
+    hosts = HostNames.for_listener("0.0.0.0", 31114, settings.allowed_hosts)
+    for host in ("10.244.1.7:31114", "fxgateway.openfx:31114", "node1.example:31114", "127.0.0.1:31114"):
+        assert hosts.allows(host), host
+    assert not hosts.allows("evil.example:31114") and not hosts.allows("0.0.0.0:31114")
+
+
 def test_committed_deploy_folder_is_current_and_valid(tmp_path: Path) -> None:
     out = subprocess.run(
         [CLI, "k8s", "render", "-o", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120

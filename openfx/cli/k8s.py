@@ -25,11 +25,17 @@ def write_yaml(path: Path, documents: list[dict]) -> None:
 
 
 def render(
-    stack_file: str, output: Path, gateway_image: str = GATEWAY_IMAGE, namespace: str = FUNCTION_NAMESPACE
+    stack_file: str,
+    output: Path,
+    gateway_image: str = GATEWAY_IMAGE,
+    namespace: str = FUNCTION_NAMESPACE,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> list[Path]:
     stack = load_stack(stack_file)
     written = [output / "platform.yaml"]
-    write_yaml(written[0], platform_manifests(gateway_image, functions=namespace))
+    write_yaml(
+        written[0], platform_manifests(gateway_image, functions=namespace, allowed_hosts=allowed_hosts)
+    )
     for name, spec in stack.functions.items():
         fn = FunctionDef.from_request(to_request(name, spec))
         path = output / "functions" / f"{name}.yaml"
@@ -54,10 +60,17 @@ def k8s() -> None:
 @click.option("-o", "--output", default="deploy", show_default=True, help="output folder")
 @click.option("--gateway-image", default=GATEWAY_IMAGE, show_default=True)
 @click.option("--namespace", default=FUNCTION_NAMESPACE, show_default=True, help="the functions' namespace")
-def render_command(stack_file: str, output: str, gateway_image: str, namespace: str) -> None:
+@click.option(
+    "--allowed-host",
+    multiple=True,
+    help="a node name or address users reach the HTTP NodePort by (repeatable; the gateway checks Host)",
+)
+def render_command(
+    stack_file: str, output: str, gateway_image: str, namespace: str, allowed_host: tuple[str, ...]
+) -> None:
     """Write namespaces, gateway, per-function Deployment/Service/HPA, Prometheus and Grafana files."""
     try:
-        paths = render(stack_file, Path(output), gateway_image, namespace)
+        paths = render(stack_file, Path(output), gateway_image, namespace, allowed_host)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     for path in paths:

@@ -116,8 +116,17 @@ def platform_manifests(
     gateway_image: str = GATEWAY_IMAGE,
     namespace: str = GATEWAY_NAMESPACE,
     functions: str = FUNCTION_NAMESPACE,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> list[Manifest]:
+    """`allowed_hosts`: the node names/addresses users reach the NodePort by (the HTTP Host check
+    already admits the Service's DNS names and the pod's own IP, which Prometheus scrapes)."""
     labels = {"app": "fxgateway"}
+    service_names = [
+        f"fxgateway.{namespace}",
+        f"fxgateway.{namespace}.svc",
+        f"fxgateway.{namespace}.svc.cluster.local",
+    ]
+    host_args = [f"--allowed-host={h}" for h in ("$(POD_IP)", "fxgateway", *service_names, *allowed_hosts)]
     namespaces = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"openfx": "true"}}}
         for name in (namespace, functions)
@@ -187,8 +196,12 @@ def platform_manifests(
                                 "0.0.0.0:31113",
                                 "--http",
                                 "0.0.0.0:31114",
+                                *host_args,
                             ],
-                            "env": [{"name": "OPENFX_TOKENS_FILE", "value": "/etc/openfx/tokens.yaml"}],
+                            "env": [
+                                {"name": "OPENFX_TOKENS_FILE", "value": "/etc/openfx/tokens.yaml"},
+                                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                            ],
                             "ports": [
                                 {"name": "grpc", "containerPort": 31113},
                                 {"name": "http", "containerPort": 31114},
