@@ -69,3 +69,18 @@ def gateway_channel(
     else:
         channel = grpc.insecure_channel(address, options=opts)
     return grpc.intercept_channel(channel, _Token(token)) if token else channel
+
+
+def aio_gateway_channel(address: str, tls_ca: str | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to the gateway (TLS when `tls_ca` or OPENFX_TLS_CA names a CA); the
+    caller adds `bearer(token)` to each call's metadata."""
+    tls_ca = tls_ca if tls_ca is not None else os.environ.get("OPENFX_TLS_CA") or None
+    opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+    if tls_ca:
+        with open(tls_ca, "rb") as f:
+            return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(f.read()), options=opts)
+    return grpc.aio.insecure_channel(address, options=opts)
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()

@@ -75,6 +75,9 @@ class FunctionSpec(_Strict):
     replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=0, ge=0)  # cluster mode: > replicas adds a HorizontalPodAutoscaler
     max_request_bytes: int = Field(default=0, ge=0)  # 0: only the gateway-wide limit
+    schedule: str | None = None  # cron ("*/5 * * * *"; a sixth field counts seconds): the schedule trigger
+    schedule_input: str = ""  # the input each scheduled run gets
+    schedule_enabled: bool = True
 
     # filled in by the loader: the folder the config file lives in
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -86,6 +89,15 @@ class FunctionSpec(_Strict):
         if seconds <= 0:
             raise ValueError("timeout must be positive")
         return seconds
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"not a cron expression: {value!r} (e.g. '*/5 * * * *')")
+        return value
 
     @field_validator("environment", mode="before")
     @classmethod

@@ -25,6 +25,9 @@ HANDLER_NAME = "openfx.handler.name"
 TIMEOUT = "openfx.timeout"
 MAX_INFLIGHT = "openfx.max_inflight"
 MAX_REQUEST_BYTES = "openfx.max_request_bytes"
+SCHEDULE = "openfx.schedule"
+SCHEDULE_INPUT = "openfx.schedule.input"
+SCHEDULE_ENABLED = "openfx.schedule.enabled"
 
 # Caps on what one Deploy may ask for: replicas are processes (the scale route has the same cap),
 # and the environment is passed to exec, which refuses past the kernel's argument limits.
@@ -80,6 +83,10 @@ def to_request(name: str, spec: FunctionSpec) -> gpb.CreateFunctionRequest:
     }
     if spec.max_request_bytes:
         annotations[MAX_REQUEST_BYTES] = str(spec.max_request_bytes)
+    if spec.schedule:
+        annotations[SCHEDULE] = spec.schedule
+        annotations[SCHEDULE_INPUT] = spec.schedule_input
+        annotations[SCHEDULE_ENABLED] = "true" if spec.schedule_enabled else "false"
     if spec.desc:
         annotations["desc"] = spec.desc
     if spec.maintainer:
@@ -143,6 +150,11 @@ class FunctionDef:
         check_replicas(req.MaxReplicas, "MaxReplicas")
         _check_env(dict(req.EnvVars))
         _check_handler(ann.get(HANDLER_FILE, "handler.py"), ann.get(HANDLER_NAME, "Handler"))
+        if ann.get(SCHEDULE):
+            from croniter import croniter
+
+            if not croniter.is_valid(ann[SCHEDULE]):
+                raise InvokeError(bad, f"{SCHEDULE}: not a cron expression: {ann[SCHEDULE][:80]!r}")
         source = ann.get(SOURCE)
         return cls(
             name=req.Service,

@@ -28,7 +28,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import paho.mqtt.client as mqtt
@@ -37,10 +36,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from openfx import readiness
 from openfx.bridge.config import BridgeConfig, valid_function_name
 from openfx.client_channel import gateway_channel
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
+from openfx.triggers.base import TOPIC_KEY, TRIGGER_KEY, TriggerMetrics
 
 log = logging.getLogger("openfx.bridge")
 RETRYABLE = {
@@ -109,6 +110,7 @@ class BridgeMetrics:
         self.retried = Counter("bridge_retries_total", "Invocations retried", registry=r)
         self.dead = Counter("bridge_dead_letters_total", "Requests sent to the dead-letter topic", registry=r)
         self.inflight = Gauge("bridge_inflight", "Requests received and not yet acknowledged", registry=r)
+        self.trigger = TriggerMetrics(r)  # trigger_invocations_total{trigger="mqtt",...}
 
 
 class Bridge:
@@ -213,7 +215,7 @@ class Bridge:
         else:
             log.info("subscribed to %d topic filter(s); ready", len(reasons))
             if self.config.ready_file:
-                Path(self.config.ready_file).touch()
+                readiness.mark_ready(self.config.ready_file, f"subscribed to {len(reasons)} topic filter(s)")
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
@@ -253,7 +255,7 @@ class Bridge:
             self._finish(job, grpc.StatusCode.NOT_FOUND, f"no function for topic {job.topic!r}".encode())
             return
         job.attempts += 1
-        metadata = (("x-openfx-trigger", "mqtt"), ("x-openfx-topic", job.topic))
+        metadata = ((TRIGGER_KEY, "mqtt"), (TOPIC_KEY, job.topic))
         future = self.stub.Invoke.future(
             gpb.InvokeServiceRequest(Service=job.function, Input=job.payload),
             timeout=self.config.invoke_timeout,
@@ -268,6 +270,7 @@ class Bridge:
             code = exc.code()
             output = f"{code.name}: {exc.details()}".encode()
         self.metrics.invoked.labels(code.name).inc()
+        self.metrics.trigger.count("mqtt", job.function or "", code)
         if code in RETRYABLE:
             retry = self.config.retry
             delay = min(retry.max_delay, retry.first_delay * 2 ** (job.attempts - 1))

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import click
 
+from openfx import readiness
 from openfx.cli.token import ensure_local_token
 from openfx.config import ConfigError, load_stack
 from openfx.gateway.app import GatewaySettings
+from openfx.platform import READY_FILE
 
 
 def state_dir(stack_file: str) -> Path:
@@ -118,25 +120,28 @@ def up(
     if (pid := _running_pid(pid_file)) is not None:
         raise click.ClickException(f"already running (pid {pid}); stop it with 'openfx-cli down'")
     log_path = folder / "gateway.log"  # rotated by the platform itself (--log-file)
-    before = log_path.read_text(errors="replace").count("platform: ready") if log_path.exists() else 0
+    ready_file = folder / READY_FILE
+    readiness.clear(ready_file)
     with open(folder / "platform.out", "ab") as out:  # what is written before logging is set up
         proc = subprocess.Popen(
-            [*args, "--log-file", str(log_path)],
+            [*args, "--log-file", str(log_path), "--state-dir", str(folder)],
             stdout=out,
             stderr=out,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     pid_file.write_text(str(proc.pid))
-    _wait_until_ready(proc, timeout, log_path, before)
+    line = _wait_until_ready(proc, timeout, ready_file, log_path)
+    if "NOT ready" in line:
+        click.echo(f"platform: {line}", err=True)
     click.echo(
         f"OpenFx is up (pid {proc.pid}): grpc {grpc_address}, http http://{http_address}; log: {log_path}"
     )
 
 
-def _wait_until_ready(proc: subprocess.Popen[bytes], timeout: float, log_path: Path, before: int) -> None:
-    """Wait for the platform's "ready" line (after every function and the MQTT bridge are up);
-    works whatever the gateway's authentication and TLS settings."""
+def _wait_until_ready(proc: subprocess.Popen[bytes], timeout: float, ready_file: Path, log_path: Path) -> str:
+    """Wait for the platform's ready file (written once every function and trigger is up), showing
+    the log's last line meanwhile; works whatever the gateway's authentication and TLS settings."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     deadline = time.monotonic() + timeout
@@ -145,21 +150,22 @@ def _wait_until_ready(proc: subprocess.Popen[bytes], timeout: float, log_path: P
     ) as bar:
         task = bar.add_task("starting", total=None)
         while time.monotonic() < deadline:
-            lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+            line = readiness.wait(ready_file, lambda: proc.poll() is None, 0.2)
+            if line is not None:
+                return line
             if proc.poll() is not None:
-                early = (log_path.parent / "platform.out").read_text(errors="replace").splitlines()
-                raise click.ClickException(
-                    f"exited with code {proc.returncode}: " + " | ".join((lines or early)[-5:])
-                )
-            ready = [line for line in lines if line.startswith("platform: ready")]
-            if len(ready) > before:
-                if "NOT ready" in ready[-1]:
-                    click.echo(ready[-1], err=True)
-                return
-            if lines:
+                lines = _tail(log_path) or _tail(log_path.parent / "platform.out")
+                raise click.ClickException(f"exited with code {proc.returncode}: " + " | ".join(lines))
+            if lines := _tail(log_path, 1):
                 bar.update(task, description=lines[-1][:100])
-            time.sleep(0.2)
     raise click.ClickException(f"not ready after {timeout:g}s; see {log_path} or 'openfx-cli fn list'")
+
+
+def _tail(path: Path, count: int = 5) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-count:]
+    except FileNotFoundError:
+        return []
 
 
 @click.command()

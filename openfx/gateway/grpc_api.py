@@ -10,10 +10,9 @@ from openfx.errors import InvokeError
 from openfx.gateway.management import Management
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
+from openfx.triggers import KINDS, TOPIC_KEY, TRIGGER_KEY
 
-TRIGGER_KEY = "x-openfx-trigger"  # set by callers that relay another trigger (the MQTT bridge)
-TOPIC_KEY = "x-openfx-topic"
-TRIGGERS = {"grpc", "mqtt"}
+TRIGGERS = {"grpc", *KINDS}  # a trigger (openfx/triggers) relays its own name in TRIGGER_KEY
 
 
 def _trigger(context: grpc.aio.ServicerContext) -> tuple[str, str]:

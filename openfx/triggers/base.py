@@ -1,0 +1,134 @@
+"""The one shape every trigger has.
+
+A trigger is whatever calls functions besides a client's own gRPC or HTTP request: the MQTT
+bridge, a cron schedule, tomorrow a Kafka consumer. Each kind is a `Trigger` subclass that the
+platform builds from the stack file (`from_stack`), starts, waits for (`ready`) and stops, all
+the same way, and each calls functions only through the gateway, saying who it is in the call's
+metadata so the handler sees `req.info.Trigger.Name` and the gateway's limits, auth and metrics
+apply as to any caller. Every kind counts `trigger_invocations_total{trigger,function_name,code}`
+with the gateway's label names and codes (the HTTP status the outcome maps to).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter
+
+from openfx.config import StackFile
+from openfx.errors import http_status
+
+# gRPC metadata a trigger sets on its Invoke: the handler's req.info.Trigger.Name and .Topic
+TRIGGER_KEY = "x-openfx-trigger"
+TOPIC_KEY = "x-openfx-topic"
+SUPERVISE_BACKOFF = (0.5, 10.0)
+
+log = logging.getLogger("openfx.platform")
+
+
+class TriggerMetrics:
+    """`trigger_invocations_total`, labelled like `gateway_function_invocation_total`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.invocations = Counter(
+            "trigger_invocations_total",
+            "Function invocations made by a trigger, by the status code they ended with",
+            ["trigger", "function_name", "code"],
+            registry=registry,
+        )
+
+    def count(self, trigger: str, function: str, code: grpc.StatusCode) -> None:
+        self.invocations.labels(trigger, function, str(http_status(code))).inc()
+
+
+@dataclass
+class PlatformContext:
+    """What the platform hands every trigger."""
+
+    stack: StackFile
+    stack_path: Path
+    state_dir: Path
+    gateway: str  # the gateway's gRPC address
+    token: str | None = None  # the platform's token for the gateway, if it needs one
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)  # the gateway's /metrics
+    metrics: TriggerMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = TriggerMetrics(self.registry)
+
+
+class Trigger(abc.ABC):
+    """One kind of trigger. Subclasses set `kind` and implement the four methods."""
+
+    kind: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()  # set once the trigger delivers events (subscribed, scheduled)
+
+    @classmethod
+    @abc.abstractmethod
+    def from_stack(cls, context: PlatformContext) -> Trigger | None:
+        """The trigger the stack file asks for, or None when it uses none of this kind."""
+
+    async def prepare(self) -> None:  # noqa: B027 (optional hook: most kinds need nothing here)
+        """Before the gateway starts its functions: claim what can fail fast (a broker's port)."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Begin delivering; set `self.ready` when events flow. Raise TriggerError to stop the platform."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Finish what is in flight, then stop."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One phrase for the platform's ready line, e.g. 'mqtt 127.0.0.1:1883 (topic fn/<function>)'."""
+
+
+class TriggerError(Exception):
+    """A trigger cannot start (its broker is missing, its port taken): one line saying what to do."""
+
+
+async def supervise(
+    name: str,
+    start: Callable[[], subprocess.Popen[bytes]],
+    stop: asyncio.Event,
+    first: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Keep a helper process of a trigger (a broker, a bridge) running: restart it with capped
+    backoff when it dies, SIGTERM it (then kill) when `stop` is set. `first`: already started."""
+    delay = SUPERVISE_BACKOFF[0]
+    while not stop.is_set():
+        try:
+            process = first or await asyncio.to_thread(start)
+            first = None
+        except Exception as exc:  # e.g. the broker's port taken meanwhile
+            log.warning("platform: %s failed to start: %s; retrying in %gs", name, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SUPERVISE_BACKOFF[1])
+            continue
+        waiter = asyncio.create_task(asyncio.to_thread(process.wait))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(waiter, 20)
+                except TimeoutError:
+                    process.kill()
+            return
+        stopper.cancel()
+        log.warning("platform: %s exited with code %s; restarting in %gs", name, process.returncode, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, SUPERVISE_BACKOFF[1])

@@ -1,0 +1,97 @@
+"""The MQTT trigger: mosquitto plus the MQTT-to-gateway bridge (openfx/bridge), as supervised
+processes of the platform. Devices publish to `fn/<function>`; the bridge invokes the function
+through the gateway and publishes the reply (see openfx/bridge/bridge.py for the delivery rules)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+from openfx import readiness
+from openfx.bridge import mosquitto
+from openfx.config import MqttSpec
+from openfx.triggers.base import PlatformContext, Trigger, TriggerError, supervise
+
+BRIDGE_READY_SECONDS = 20.0
+
+
+class MqttTrigger(Trigger):
+    kind = "mqtt"
+
+    def __init__(self, context: PlatformContext, spec: MqttSpec) -> None:
+        super().__init__()
+        self.context = context
+        self.spec = spec
+        self.ready_file = context.state_dir / "bridge.ready"
+        self.broker_stop, self.bridge_stop = asyncio.Event(), asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.broker_log = None
+
+    @classmethod
+    def from_stack(cls, context: PlatformContext) -> MqttTrigger | None:
+        spec = context.stack.mqtt
+        return cls(context, spec) if spec is not None and spec.enabled else None
+
+    def _start_broker(self) -> subprocess.Popen[bytes]:
+        spec = self.spec
+        assert self.broker_log is not None
+        return mosquitto.start(
+            self.context.state_dir / "mosquitto",
+            spec.port,
+            spec.host,
+            spec.persistence,
+            log=self.broker_log.fileno(),
+        )
+
+    def _start_bridge(self) -> subprocess.Popen[bytes]:
+        spec = self.spec
+        bridge_config = (self.context.stack_path.parent / spec.bridge).resolve()
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "openfx.bridge",
+                "-c",
+                str(bridge_config),
+                "--host",
+                spec.host,
+                "--port",
+                str(spec.port),
+                "--ready-file",
+                str(self.ready_file),
+                "--gateway",
+                self.context.gateway,
+            ],
+            stdin=subprocess.DEVNULL,
+        )
+
+    async def prepare(self) -> None:
+        """Start the broker before the functions: a taken port fails the platform at once."""
+        try:
+            mosquitto.find_mosquitto()
+            self.broker_log = open(self.context.state_dir / "mosquitto.log", "ab")  # noqa: SIM115
+            first = await asyncio.to_thread(self._start_broker)
+        except mosquitto.BrokerError as exc:
+            raise TriggerError(str(exc)) from None
+        broker = supervise("broker", self._start_broker, self.broker_stop, first)
+        self.tasks.append(asyncio.create_task(broker))
+
+    async def start(self) -> None:
+        readiness.clear(self.ready_file)
+        self.tasks.append(asyncio.create_task(supervise("bridge", self._start_bridge, self.bridge_stop)))
+        if await readiness.wait_async(self.ready_file, lambda: True, BRIDGE_READY_SECONDS) is not None:
+            self.ready.set()
+
+    async def stop(self) -> None:
+        """The bridge first (it finishes its in-flight messages), then the broker (it saves sessions)."""
+        self.bridge_stop.set()
+        await asyncio.gather(*self.tasks[1:])
+        self.broker_stop.set()
+        await asyncio.gather(*self.tasks[:1])
+        readiness.clear(self.ready_file)
+        if self.broker_log is not None:
+            self.broker_log.close()
+
+    def describe(self) -> str:
+        return f"mqtt {self.spec.host}:{self.spec.port} (topic fn/<function>)"
