@@ -92,10 +92,28 @@ def grafana_dashboard() -> dict[str, Any]:
                 [
                     (ERRORS, "{{function_name}} {{code}}"),
                     ("sum by (code) (rate(gateway_auth_rejected_total[1m]))", "auth {{code}}"),
+                    ("sum by (reason) (rate(gateway_http_refused_total[1m]))", "http {{reason}}"),
                 ],
                 "reqps",
                 12,
                 8,
+            ),
+            _panel(
+                5,
+                "Trigger invocations (MQTT bridge, schedules) and skipped ticks",
+                [
+                    (
+                        "sum by (trigger, function_name, code) (rate(trigger_invocations_total[1m]))",
+                        "{{trigger}} {{function_name}} {{code}}",
+                    ),
+                    (
+                        "sum by (function_name, reason) (rate(trigger_ticks_skipped_total[5m]))",
+                        "skipped {{function_name}} {{reason}}",
+                    ),
+                ],
+                "reqps",
+                0,
+                16,
             ),
         ],
     }
