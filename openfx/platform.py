@@ -20,6 +20,7 @@ import uvloop
 from openfx import readiness
 from openfx.config import ConfigError, StackFile, load_stack
 from openfx.gateway.app import Gateway, GatewaySettings, add_arguments, configure_logging, settings_from
+from openfx.state import state_dir
 from openfx.triggers import KINDS, PlatformContext, Trigger, TriggerError
 
 READY_FILE = "platform.ready"
@@ -124,9 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.mqtt_port is not None and stack.mqtt is not None:
         stack.mqtt.port = args.mqtt_port
     stack_path = Path(args.file).resolve()
-    state_dir = Path(args.state_dir or os.environ.get("OPENFX_HOME") or stack_path.parent / ".openfx")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    raise SystemExit(uvloop.run(run(stack_path, stack, settings, state_dir)))
+    folder = Path(args.state_dir) if args.state_dir else state_dir(stack_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    raise SystemExit(uvloop.run(run(stack_path, stack, settings, folder)))
 
 
 if __name__ == "__main__":

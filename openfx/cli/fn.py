@@ -17,6 +17,7 @@ from openfx.cli.token import configured_token_file, read_token
 from openfx.config import NAME_RE, ConfigError, StackFile, load_stack
 from openfx.deployment import to_request
 from openfx.pb import fxgateway_pb2 as gpb
+from openfx.state import state_dir
 
 
 class FnGroup(AliasGroup):
@@ -139,17 +140,20 @@ def init(ctx: click.Context, name: str, runtime: str, config: str, handler_dir: 
 @click.option("-f", "--config", default="config.yaml", show_default=True, help="config file")
 @click.option("--nocache", is_flag=True, help="build without Docker's cache")
 @click.option("-v", "--buildverbose", is_flag=True, help="show the build output")
-@click.option("-o", "--output", default="build", show_default=True, help="where build contexts are rendered")
-def build(config: str, nocache: bool, buildverbose: bool, output: str) -> None:
+@click.option(
+    "-o", "--output", default=None, help="where build contexts go (default: .openfx/build beside -f)"
+)
+def build(config: str, nocache: bool, buildverbose: bool, output: str | None) -> None:
     """Render each function's build context from the shared Dockerfile template, and build it when a
     Docker engine is reachable."""
     from openfx.build.render import docker_available, docker_build_command, render_context
 
     stack = _load(config)
     engine = docker_available()
+    folder = Path(output) if output else state_dir(config) / "build"
     for name, spec in stack.functions.items():
         try:
-            context = render_context(name, spec, Path(output))
+            context = render_context(name, spec, folder)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         command = docker_build_command(name, spec, context, nocache)

@@ -22,13 +22,7 @@ from openfx.cli.token import ensure_local_token
 from openfx.config import ConfigError, load_stack
 from openfx.gateway.app import GatewaySettings
 from openfx.platform import READY_FILE
-
-
-def state_dir(stack_file: str) -> Path:
-    home = os.environ.get("OPENFX_HOME")
-    folder = Path(home) if home else Path(stack_file).resolve().parent / ".openfx"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+from openfx.state import state_dir
 
 
 def _running_pid(pid_file: Path) -> int | None:
