@@ -40,6 +40,8 @@ READY_FUNCTIONS = {
     "onestream",
     "slow",
     "slower",
+    "small",
+    "latch",
 }
 
 
@@ -188,7 +190,21 @@ def stack_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningG
         gw.stop()
 
 
+# Groups that take minutes (the Spark-bearing session stack, fuzzing, fault and reliability runs):
+# marked `slow`, so `pytest -m "not slow"` runs the rest in a few minutes; CI runs everything.
+SLOW_MODULES = ("tests/test_fuzz.py", "tests/test_bridge_reliability.py", "tests/test_streaming.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The collection's function tests run last: their session-wide stack (a Spark JVM included)
-    would otherwise load the machine during the timing-sensitive platform tests."""
-    items.sort(key=lambda item: item.nodeid.startswith("tests/functions/"))
+    """Tests that need the session-wide stack (a Spark JVM included) run last: it would otherwise
+    load the machine during the timing-sensitive platform tests. Whatever asks for `stack_gateway`
+    counts, wherever it lives (a fuzz test of the collection's functions, the video client)."""
+    for item in items:
+        if "stack_gateway" in getattr(item, "fixturenames", ()) or item.nodeid.startswith(SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)
+    items.sort(
+        key=lambda item: (
+            "stack_gateway" in getattr(item, "fixturenames", ()),
+            item.nodeid.startswith("tests/functions/"),
+        )
+    )
