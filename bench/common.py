@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import socket
@@ -90,12 +91,21 @@ def print_table(title: str, rows: list[Result], reference: str, concurrency: int
 class Platform:
     """A gateway with the given functions, plus each function's standalone watcher on TCP."""
 
-    def __init__(self, functions: list[str], max_inflight: int = 1000) -> None:
+    def __init__(
+        self,
+        functions: list[str],
+        max_inflight: int = 1000,
+        environment: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        """`environment`: per function, variables that override its config's (e.g. the crawler's
+        CRAWLER_ALLOW_PRIVATE for a page served on loopback)."""
         self.tmp = Path(tempfile.mkdtemp(prefix="openfx-bench-"))
         stack = self.tmp / "stack.yaml"
         lines = ["include:"] + [f"  - {ROOT}/functions/{fn}/config.yaml" for fn in functions] + ["functions:"]
         for fn in functions:
             lines += [f"  {fn}:", f"    max_inflight: {max_inflight}"]
+            if environment and fn in environment:
+                lines += ["    environment:"] + [f"      {k}: '{v}'" for k, v in environment[fn].items()]
         stack.write_text("\n".join(lines) + "\n")
         specs = load_stack(stack).functions
         self.grpc = f"127.0.0.1:{free_port()}"
@@ -161,3 +171,14 @@ class Platform:
             p.terminate()
         for p in self.procs:
             p.wait(30)
+
+
+def parse_args(parser: argparse.ArgumentParser, **smoke: object) -> argparse.Namespace:
+    """Parse, with `--smoke`: the given tiny values replace the sizes, so the test suite can run
+    every bench in seconds (a bench that breaks fails CI; its numbers then mean nothing)."""
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: proves the bench runs")
+    args = parser.parse_args()
+    if args.smoke:
+        for name, value in smoke.items():
+            setattr(args, name, value)
+    return args

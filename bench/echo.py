@@ -15,7 +15,7 @@ import grpc
 import uvloop
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Platform, Result, measure, print_table  # noqa: E402
+from common import Platform, Result, measure, parse_args, print_table  # noqa: E402
 
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
@@ -87,4 +87,4 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--seconds", type=float, default=4)
     parser.add_argument("--concurrency", type=int, default=8)
-    uvloop.run(main(parser.parse_args()))
+    uvloop.run(main(parse_args(parser, calls=20, seconds=0.2)))

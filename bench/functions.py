@@ -21,7 +21,7 @@ import numpy as np
 import uvloop
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ROOT, Platform, measure  # noqa: E402
+from common import ROOT, Platform, measure, parse_args  # noqa: E402
 
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
@@ -73,7 +73,7 @@ async def main(args: argparse.Namespace) -> None:
         "crawler": json.dumps({"url": url, "selector": "a.issue"}).encode(),
         "unmarshalling": READING,
     }
-    platform = Platform(list(cases))
+    platform = Platform(list(cases), environment={"crawler": {"CRAWLER_ALLOW_PRIVATE": "1"}})
     print(f"| function | input | path | p50 ms | p99 ms | req/s c=1 | req/s c={args.concurrency} |")
     print("|---|---|---|---|---|---|---|")
     try:
@@ -117,4 +117,4 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
-    uvloop.run(main(parser.parse_args()))
+    uvloop.run(main(parse_args(parser, calls=5, seconds=0.2)))

@@ -19,7 +19,7 @@ import grpc
 import uvloop
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Platform, percentiles  # noqa: E402
+from common import Platform, parse_args, percentiles  # noqa: E402
 
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
@@ -108,4 +108,4 @@ if __name__ == "__main__":
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--limited-only", action="store_true", help="only the run above the in-flight limit")
-    uvloop.run(main(ap.parse_args()))
+    uvloop.run(main(parse_args(ap, clients=4, seconds=1.0)))

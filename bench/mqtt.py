@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ROOT, Platform, free_port, percentiles  # noqa: E402
+from common import ROOT, Platform, free_port, parse_args, percentiles  # noqa: E402
 
 from openfx.bridge import mosquitto  # noqa: E402
 
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=500)
     ap.add_argument("--paced", type=int, default=3000)
     ap.add_argument("--proof", type=int, default=0)
-    args = ap.parse_args()
+    args = parse_args(ap, flood=100, paced=50, rate=100.0)
     tmp = Path(tempfile.mkdtemp(prefix="openfx-mqtt-bench-"))
     port = free_port()
     broker = mosquitto.start(tmp / "mosquitto", port, persistence=False)
@@ -124,7 +124,7 @@ def main() -> None:
             rows.append(("raw broker round trip", label, raw.run("raw/echo", count, rate, "unused")))
         raw.close()
         via = Load(port, "bench/replies")
-        via.run("fn/echo", 500, None, "bench/replies")  # warm up
+        via.run("fn/echo", min(500, args.flood), None, "bench/replies")  # warm up
         for label, count, rate in (
             ("flood", args.flood, None),
             (f"paced {args.rate:g}/s", args.paced, args.rate),

@@ -20,7 +20,7 @@ import grpc
 import uvloop
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Platform  # noqa: E402
+from common import Platform, parse_args  # noqa: E402
 
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
@@ -111,4 +111,4 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--rate", type=int, default=200)
-    uvloop.run(main(ap.parse_args()))
+    uvloop.run(main(parse_args(ap, minutes=0.05, rate=20)))

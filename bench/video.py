@@ -25,13 +25,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "clients"))
 from client import synthetic  # noqa: E402
-from common import ROOT, Platform, percentiles  # noqa: E402
+from common import ROOT, Platform, parse_args, percentiles  # noqa: E402
 
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
 from openfx.pb import fxwatcher_pb2 as wpb  # noqa: E402
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc  # noqa: E402
 from openfx.watcher.loader import load_handler  # noqa: E402
+from openfx.watcher.runtime import FunctionRuntime  # noqa: E402
 
 Q = [cv2.IMWRITE_JPEG_QUALITY, 80]
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -105,15 +106,21 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=600)
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--op", default="", help="operation prefix (default: the function's default)")
-    args = parser.parse_args()
+    args = parse_args(parser, frames=8)
     prefix = f"op={args.op}\n".encode() if args.op else b""
     frames = list(synthetic(960, 640, args.frames))
     sizes = [len(encode(f, b"")) for f in frames[:30]]
     platform = Platform(["imgprocessing"])
     rows = []
     try:
-        handler = load_handler(ROOT / "functions/imgprocessing/src/handler.py")
-        warm = frames[:30]
+        runtime = FunctionRuntime(
+            "imgprocessing", load_handler(ROOT / "functions/imgprocessing/src/handler.py")
+        )
+
+        def handler(request: wpb.Request) -> bytes:  # the body, whatever the handler's return shape
+            return runtime.invoke(request).Output
+
+        warm = frames[: min(30, len(frames))]
         inproc_sequential(warm, handler, prefix)
         rows.append(("(a) in-process, sequential", *inproc_sequential(frames, handler, prefix)))
         rows.append(("(a) in-process, 2-thread pipeline", *inproc_two_threads(frames, handler, prefix)))
