@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -152,13 +153,28 @@ def test_deploy_rejects_bad_requests(gateway: RunningGateway) -> None:
     assert r.status_code == 400 and "bad JSON" in r.json()["message"]
 
 
-def test_rest_deploy_and_scale(gateway: RunningGateway) -> None:
+def test_rest_deploy_update_scale_delete(gateway: RunningGateway) -> None:
     from google.protobuf import json_format
 
+    url = f"{gateway.http_url}/system/functions"
     body = json_format.MessageToJson(spec_request("restecho", "pid"))
-    r = requests.post(f"{gateway.http_url}/system/functions", data=body, headers=JSON_ADMIN, timeout=30)
-    assert r.json() == {"Msg": "OK"}
+    r = requests.post(url, data=body, headers=JSON_ADMIN, timeout=30)
+    assert r.status_code == 200 and r.json() == {"Msg": "OK"}
     wait_for(lambda: meta(gateway, "restecho").AvailableReplicas == 1, what="restecho ready")
+    first = call(gateway, "restecho")
+    assert requests.post(url, data=body, headers=JSON_ADMIN, timeout=30).status_code == 409
+
+    # PUT /system/functions updates in place: new processes, the new environment reaches them
+    updated = spec_request("restecho", "info", environment={"GREETING": "rest"})
+    r = requests.put(url, data=json_format.MessageToJson(updated), headers=JSON_ADMIN, timeout=60)
+    assert r.status_code == 200 and r.json() == {"Msg": "OK"}
+    wait_for(lambda: _try(gateway, "restecho") not in (None, first), what="the updated function")
+    assert call(gateway, "restecho") == b"restecho|grpc||True"  # the info handler now answers
+    missing = json_format.MessageToJson(spec_request("restnope", "pid"))
+    assert requests.put(url, data=missing, headers=JSON_ADMIN, timeout=30).status_code == 404
+    anonymous = requests.put(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert anonymous.status_code == 401
+
     r = requests.put(
         f"{gateway.http_url}/system/scale-function",
         json={"ServiceName": "restecho", "Replicas": "2"},
@@ -169,6 +185,14 @@ def test_rest_deploy_and_scale(gateway: RunningGateway) -> None:
     wait_for(lambda: meta(gateway, "restecho").AvailableReplicas == 2, what="2 replicas")
     r = requests.delete(f"{gateway.http_url}/system/function/restecho", headers=ADMIN_HEADERS, timeout=30)
     assert r.status_code == 200
+    assert requests.get(f"{gateway.http_url}/system/function/restecho", timeout=5).status_code == 404
+
+
+def _try(gw: RunningGateway, name: str) -> bytes | None:
+    try:
+        return call(gw, name)
+    except grpc.RpcError:
+        return None
 
 
 def test_killed_process_is_restarted_and_callers_get_unavailable(gateway: RunningGateway) -> None:
@@ -186,7 +210,9 @@ def test_killed_process_is_restarted_and_callers_get_unavailable(gateway: Runnin
             codes.add(exc.code())
         time.sleep(0.02)
     assert new_pid is not None and new_pid != pid
-    assert codes <= {grpc.StatusCode.UNAVAILABLE}
+    # the restart takes at least the first backoff (0.25 s) plus a process start: callers in between
+    # are told UNAVAILABLE, and nothing else
+    assert codes == {grpc.StatusCode.UNAVAILABLE}
     assert "pid[0]: process exited with code -9" in gateway.log()
 
 
@@ -203,3 +229,56 @@ def test_handler_import_error_is_reported_and_others_keep_working(gateway: Runni
     logs = gateway.stub().GetLog(gpb.FunctionRequest(FunctionName="badimport"), timeout=5).Msg.decode()
     assert "No module named 'module_that_does_not_exist'" in logs
     assert call(gateway, "echo", b"still fine") == b"still fine"
+
+
+def test_restart_backoff_grows_to_its_cap(gateway: RunningGateway) -> None:
+    """badimport exits at every start: its restarts wait 0.25 s, doubling, capped at 10 s."""
+
+    def delays() -> list[float] | None:
+        found = [
+            float(line.split("restarting in ")[1].split("s")[0])
+            for line in gateway.log().splitlines()
+            if line.startswith("badimport[0]: exited; restarting in")
+        ]
+        return found if len(found) >= 7 else None
+
+    seen = wait_for(delays, timeout=60, what="seven restarts of badimport")
+    assert seen[:7] == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
+
+
+def test_restart_backoff_caps_and_resets_after_a_healthy_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor alone, on a fake clock: doubling from 0.25 s, capped at 10 s, and back to
+    0.25 s after a replica that ran longer than 30 s (a run of exactly 30 s does not count)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from openfx.gateway import embedded
+
+    now = [1000.0]
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+    runs = iter([1, 1, 1, 1, 1, 1, 1, 1, 40, 1, 1, 30, 1])  # how long each process lives
+
+    async def fake_sleep(delay: float) -> None:
+        slept.append(delay)
+        now[0] += delay
+        await real_sleep(0)
+
+    monkeypatch.setattr(embedded, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(embedded.asyncio, "sleep", fake_sleep)
+    notes: list[str] = []
+    fn = SimpleNamespace(name="f", note=notes.append)
+    replica = embedded.Replica(fn, 0, Path("/nonexistent"), 1024)  # type: ignore[arg-type]
+
+    async def run_once() -> None:
+        lived = next(runs, None)
+        if lived is None:
+            replica.stopping = True
+            return
+        now[0] += lived
+
+    replica._run_once = run_once  # type: ignore[method-assign]
+    asyncio.run(replica._supervise())
+    assert slept == [0.25, 0.5, 1, 2, 4, 8, 10, 10, 0.25, 0.5, 1, 2, 4]
+    assert replica.restarts == 13
+    assert notes[0] == "f[0]: exited; restarting in 0.25s (restart #1)"
