@@ -221,6 +221,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress line")
     args = p.parse_args(argv)
+    args.progress = args.progress and sys.stderr.isatty()  # a live line is for a person, not a pipe
     if args.window < 1:
         p.error("--window must be at least 1")
     return args
