@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT, USER_CONFIG, RunningGateway, free_port
+from openfx.pb import fxgateway_pb2 as gpb
+from tests.conftest import FIXTURES, READY_FUNCTIONS, ROOT, USER_CONFIG, RunningGateway, free_port
 from tests.mqtt_helpers import Device
 
 CLI = str(Path(sys.executable).parent / "openfx-cli")
@@ -58,16 +59,85 @@ def test_friendly_errors(gateway: RunningGateway, tmp_path: Path) -> None:
     assert out.returncode == 1 and b"INVALID_ARGUMENT: input must not be 'bad'" in out.stderr
 
 
+def table(listing: str) -> dict[str, dict[str, str]]:
+    """`fn list` output as {name: {column: cell}}, cut at the header's column positions (cells
+    may hold spaces: "Not Ready", descriptions)."""
+    header, *rows = [line for line in listing.splitlines() if line.strip()]
+    names = header.split()
+    starts = [header.index(n) for n in names] + [None]
+    out = {}
+    for row in rows:
+        cells = {n: row[starts[i] : starts[i + 1]].strip() for i, n in enumerate(names)}
+        out[cells["Function"]] = cells
+    return out
+
+
 def test_list_info_log(gateway: RunningGateway) -> None:
+    from tests.test_gateway_manage import meta, wait_for
+
     cli("fn", "call", "printer", "-g", gateway.grpc_address, stdin=b"abc")
-    listing = cli("fn", "list", "-g", gateway.grpc_address).stdout.decode()
-    rows = {line.split()[0]: line for line in listing.splitlines()[1:] if line.strip()}
-    assert "Ready" in rows["echo"] and "Returns its input" in rows["echo"]
-    assert "Error" in rows["badimport"] or "Not Ready" in rows["badimport"]
+    wait_for(lambda: "openfx.error" in meta(gateway, "badimport").Annotations, what="badimport's error")
+    out = cli("fn", "list", "-g", gateway.grpc_address)
+    rows = table(out.stdout.decode())
+    assert rows["echo"]["Status"] == "Ready" and rows["echo"]["Replicas"] == "1/1"
+    assert rows["echo"]["Description"] == "Returns its input, byte for byte"
+    assert rows["badimport"]["Status"] == "Error" and rows["badimport"]["Replicas"] == "0/1"
+    assert set(rows) >= READY_FUNCTIONS | {"badimport"}
+    assert out.stderr.startswith(b"badimport: badimport[0]")  # the error, under the table
     info = yaml.safe_load(cli("fn", "info", "echo", "-g", gateway.grpc_address).stdout)
-    assert info["name"] == "echo" and info["availablereplicas"] == 1
+    assert info["name"] == "echo" and info["availablereplicas"] == 1 and info["status"] == "Ready"
+    bad = yaml.safe_load(cli("fn", "info", "badimport", "-g", gateway.grpc_address).stdout)
+    assert bad["status"] == "Error" and bad["availablereplicas"] == 0
     log = cli("fn", "log", "printer", "-g", gateway.grpc_address).stdout
     assert b"printer got 3 bytes" in log
+
+
+def test_config_file_commands_and_gateway_precedence(gateway: RunningGateway, tmp_path: Path) -> None:
+    """deploy/list/delete -f act on the config's functions only; the config's gateway wins over
+    OPENFX_URL, and -g over both; --no-update refuses an existing function, --replace recreates it."""
+    pid_src = FIXTURES / "functions/pid/src"
+    config = tmp_path / "two.yaml"
+    config.write_text(
+        f"functions:\n  clia: {{handler: {{dir: {pid_src}}}}}\n  clib: {{handler: {{dir: {pid_src}}}}}\n"
+        f"openfx: {{gateway: '{gateway.grpc_address}'}}\n"
+    )
+    dead = {"OPENFX_URL": f"127.0.0.1:{free_port()}"}
+    out = cli("fn", "deploy", "-f", str(config), env=dead)  # the config's gateway, not OPENFX_URL
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode().count("Deploying Function...") == 2
+    try:
+        listed = cli("fn", "list", "-f", str(config), env=dead)
+        assert listed.returncode == 0, listed.stderr
+        rows = table(listed.stdout.decode())
+        assert set(rows) == {"clia", "clib"} and {r["Status"] for r in rows.values()} == {"Ready"}
+
+        elsewhere = cli("fn", "list", "-f", str(config), "-g", dead["OPENFX_URL"])  # -g wins
+        assert elsewhere.returncode == 1 and b"cannot reach the gateway at " + dead[
+            "OPENFX_URL"
+        ].encode() in (elsewhere.stderr)
+        no_gateway = tmp_path / "nogw.yaml"
+        no_gateway.write_text(f"functions:\n  clia: {{handler: {{dir: {pid_src}}}}}\n")
+        via_env = cli("fn", "list", "-f", str(no_gateway), env={"OPENFX_URL": gateway.grpc_address})
+        assert via_env.returncode == 0 and set(table(via_env.stdout.decode())) == {"clia"}
+
+        refused = cli("fn", "deploy", "-f", str(config), "--no-update")
+        assert refused.returncode == 1 and b"ALREADY_EXISTS" in refused.stderr, refused.stderr
+        both = cli("fn", "deploy", "-f", str(config), "--replace", "--update")
+        assert both.returncode == 1 and b"--replace and --update cannot be used together" in both.stderr
+
+        before = cli("fn", "call", "clia", "-g", gateway.grpc_address).stdout
+        replaced = cli("fn", "deploy", "-f", str(config), "--replace")
+        assert replaced.returncode == 0, replaced.stderr
+        assert b"rolling-update" not in replaced.stdout and b"Attempting update" not in replaced.stdout
+        after = cli("fn", "call", "clia", "-g", gateway.grpc_address).stdout
+        assert after.isdigit() and before.isdigit() and after != before  # a new process
+    finally:
+        deleted = cli("fn", "delete", "-f", str(config))
+    assert deleted.returncode == 0 and deleted.stdout == b"Deleted: clia\nDeleted: clib\n", deleted.stderr
+    names = {f.Name for f in gateway.stub().List(gpb.Empty(), timeout=5).Functions}
+    assert not names & {"clia", "clib"} and "echo" in names
+    gone = cli("fn", "delete", "-f", str(config))
+    assert gone.returncode == 1 and b"function 'clia' not found" in gone.stderr
 
 
 def test_init_run_deploy_call_delete(gateway: RunningGateway, tmp_path: Path) -> None:
