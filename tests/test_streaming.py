@@ -173,7 +173,6 @@ def test_function_killed_mid_stream_ends_it_with_unavailable(gateway: RunningGat
             yield gpb.InvokeServiceRequest(Service="echopid", Input=str(i).encode())
 
     got = 0
-    started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         for _ in gateway.stub().Invokes(paced(), timeout=30):
             got += 1
@@ -181,7 +180,7 @@ def test_function_killed_mid_stream_ends_it_with_unavailable(gateway: RunningGat
                 os.kill(pid, signal.SIGKILL)
     stop.set()
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert 10 <= got < 400 and time.monotonic() - started < 10
+    assert 10 <= got < 400  # ended by the kill, not by running out of frames
     wait_for(lambda: meta(gateway, "echopid").AvailableReplicas == 1, what="echopid restarted")
 
 
@@ -198,10 +197,16 @@ def echopid_pid(gateway: RunningGateway) -> int:
             time.sleep(0.2)
 
 
+def streamed_frames(gateway: RunningGateway, name: str, more_than: int, timeout: float = 30) -> None:
+    """Wait until the gateway has answered more than `more_than` calls or frames of `name`."""
+    wait_for(lambda: meta(gateway, name).InvocationCount > more_than, timeout, f"{name}'s stream running")
+
+
 def test_video_client_reports_and_optionally_reconnects(gateway: RunningGateway) -> None:
     def kill_soon() -> None:
-        time.sleep(1.0)
-        os.kill(echopid_pid(gateway), signal.SIGKILL)
+        pid = echopid_pid(gateway)
+        streamed_frames(gateway, "echopid", meta(gateway, "echopid").InvocationCount + 10)
+        os.kill(pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_soon)
     killer.start()
@@ -237,7 +242,9 @@ def test_client_killed_mid_stream_frees_the_function(gateway: RunningGateway) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    time.sleep(2.0)
+    streamed_frames(
+        gateway, "onestream", meta(gateway, "onestream").InvocationCount + 2
+    )  # its stream is open
     with pytest.raises(grpc.RpcError) as busy:
         call(gateway, "onestream", b"x")
     assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -295,11 +302,10 @@ def test_slow_function_slows_the_sender(gateway: RunningGateway) -> None:
 
     replies = gateway.stub().Invokes(frames(), timeout=60)
     answered = 0
-    started = time.monotonic()
     for _ in replies:
         answered += 1
-        if time.monotonic() - started > 2:
+        if answered == 15:
             break
     replies.cancel()
-    assert answered <= 25
+    # 15 MiB answered; gRPC's windows (a few MiB on each hop) bound what was pulled beyond that
     assert pulled - answered < 60, f"{pulled} pulled for {answered} answered: unbounded buffering"
