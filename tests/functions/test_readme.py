@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,7 @@ def _in_block(example: Example, number: int) -> bool:
 
 
 def matches(expected: list[str], actual: str) -> bool:
-    pattern = ".*?".join(re.escape(part) for part in "\n".join(expected).split("..."))
+    pattern = ".*?".join(re.escape(part) for part in "\n".join(expected).strip("\n").split("..."))
     lines = [line.rstrip() for line in actual.rstrip("\n").splitlines()]
     return re.fullmatch(pattern, "\n".join(lines), re.DOTALL) is not None
 
@@ -103,11 +104,31 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     )
     assert up.returncode == 0, up.stdout + up.stderr
     try:
+        _wait_for_spark(env)
         yield env
     finally:
         subprocess.run(["openfx-cli", "down"], cwd=ROOT, env=env, capture_output=True, timeout=120)
         for leftover in ("faces.jpg", "out.mp4"):
             (ROOT / leftover).unlink(missing_ok=True)
+
+
+def _wait_for_spark(env: dict[str, str], timeout: float = 180) -> None:
+    """The pyspark function answers rows at once but its accuracy line only once its Spark session
+    is up (UNAVAILABLE before): a user reading on waits that long too."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["openfx-cli", "fn", "call", "pyspark"],
+            input="",
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if out.returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"pyspark's accuracy line not available after {timeout:g}s: {out.stderr}")
 
 
 def test_samples_are_current(tmp_path: Path) -> None:
