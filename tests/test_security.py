@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -299,41 +300,62 @@ def test_stream_cap_and_slow_http_body(tmp_path: Path) -> None:
                 b"POST /function/echo HTTP/1.1\r\nHost: %s:%s\r\nContent-Length: 100\r\n\r\nonly-ten-b"
                 % (host.encode(), port.encode())
             )
-            started = time.monotonic()
-            reply = sock.recv(4096)
-        assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+            reply = sock.recv(4096)  # the 1 s body timeout answers (the socket's own 10 s would raise)
+        assert reply.startswith(b"HTTP/1.1 408")
     finally:
         gw.stop()
 
 
 def test_sigterm_drains_calls_and_streams(tmp_path: Path) -> None:
+    """A call held inside its handler and an open stream, both in flight when SIGTERM arrives
+    (and known to be: the handler reports its start, the stream its first frame), finish."""
+    from tests.test_gateway_invoke import wait_file
+
     gw = start_gateway(FIXTURES / "stack.yaml", tmp_path / "gateway.log", "--max-message-bytes", str(8 * MiB))
     gw.wait_ready(names=READY_FUNCTIONS)
     results: dict[str, object] = {}
+    first_frame = threading.Event()
+    held = tmp_path / "held"
 
-    def slow_call() -> None:
+    def held_call() -> None:
         try:
             results["call"] = (
-                gw.stub().Invoke(gpb.InvokeServiceRequest(Service="sleeper", Input=b"0.8"), timeout=10).Msg
+                gw.stub()
+                .Invoke(gpb.InvokeServiceRequest(Service="latch", Input=str(held).encode()), timeout=30)
+                .Msg
             )
         except grpc.RpcError as exc:
             results["call"] = exc.code()
 
     def slow_stream() -> None:
         frames = (gpb.InvokeServiceRequest(Service="slow", Input=b"%d" % i) for i in range(5))
+        got = []
         try:
-            results["stream"] = [m.Output for m in gw.stub().Invokes(frames, timeout=10)]
+            for m in gw.stub().Invokes(frames, timeout=30):
+                got.append(m.Output)
+                first_frame.set()
+            results["stream"] = got
         except grpc.RpcError as exc:
             results["stream"] = exc.code()
+            first_frame.set()
 
-    threads = [threading.Thread(target=slow_call), threading.Thread(target=slow_stream)]
-    for t in threads:
-        t.start()
-    time.sleep(0.3)
-    gw.process.send_signal(signal.SIGTERM)
-    for t in threads:
-        t.join(20)
-    assert results["call"] == b"slept 0.8"
+    threads = [threading.Thread(target=held_call), threading.Thread(target=slow_stream)]
+    try:
+        for t in threads:
+            t.start()
+        wait_file(held.with_name("held.started"))
+        assert first_frame.wait(20)
+        gw.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while "stopping (draining in-flight calls)" not in gw.log():
+            assert time.monotonic() < deadline, gw.log()
+            time.sleep(0.02)
+        held.with_name("held.release").touch()
+        for t in threads:
+            t.join(30)
+    finally:
+        held.with_name("held.release").touch()
+    assert results["call"] == b"released"
     assert results["stream"] == [b"%d" % i for i in range(5)]
     assert gw.process.wait(30) == 0
 
@@ -360,3 +382,135 @@ def _pid(gw: RunningGateway) -> bytes | None:
         return gw.stub().Invoke(gpb.InvokeServiceRequest(Service="pid"), timeout=5).Msg
     except grpc.RpcError:
         return None
+
+
+SHA_SECRET, ENV_ADMIN, ENV_INVOKE = "sha-secret-4", "env-admin-secret-5", "env-invoke-secret-6"
+
+
+@pytest.fixture(scope="module")
+def digests_and_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    """Tokens as an operator keeps them: a file holding only a SHA-256 digest, plus the
+    OPENFX_ADMIN_TOKEN / OPENFX_INVOKE_TOKEN environment variables."""
+    tmp = tmp_path_factory.mktemp("digests")
+    tokens = tmp / "tokens.yaml"
+    digest = hashlib.sha256(SHA_SECRET.encode()).hexdigest()
+    tokens.write_text(f"tokens:\n  - {{name: hashed, sha256: {digest}, scopes: [manage]}}\n")
+    stack = tmp / "stack.yaml"
+    stack.write_text(f"include: [{ROOT}/functions/echo/config.yaml]\n")
+    gw = start_gateway(
+        stack,
+        tmp / "gateway.log",
+        "--tokens-file",
+        str(tokens),
+        env={"OPENFX_ADMIN_TOKEN": ENV_ADMIN, "OPENFX_INVOKE_TOKEN": ENV_INVOKE},
+        admin=False,
+    )
+    try:
+        _wait(gw, ENV_ADMIN)
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_sha256_and_environment_tokens(digests_and_env: RunningGateway) -> None:
+    gw = digests_and_env
+    invoke = gpb.InvokeServiceRequest(Service="echo", Input=b"x")
+    log = gpb.FunctionRequest(FunctionName="echo")
+    assert code_of(stub(gw, SHA_SECRET).GetLog, log) == grpc.StatusCode.OK  # the digest's secret
+    assert code_of(stub(gw, SHA_SECRET).Invoke, invoke) == grpc.StatusCode.PERMISSION_DENIED  # manage only
+    digest = hashlib.sha256(SHA_SECRET.encode()).hexdigest()
+    assert code_of(stub(gw, digest).GetLog, log) == grpc.StatusCode.UNAUTHENTICATED  # the digest is no token
+    assert code_of(stub(gw, ENV_ADMIN).GetLog, log) == grpc.StatusCode.OK
+    assert stub(gw, ENV_ADMIN).Invoke(invoke, timeout=10).Msg == b"x"
+    assert stub(gw, ENV_INVOKE).Invoke(invoke, timeout=10).Msg == b"x"
+    assert code_of(stub(gw, ENV_INVOKE).GetLog, log) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(stub(gw, None).Invoke, invoke) == grpc.StatusCode.UNAUTHENTICATED
+    url = f"{gw.http_url}/function/echo"
+    assert (
+        requests.post(url, data=b"h", headers={"Authorization": f"Bearer {ENV_INVOKE}"}, timeout=10).content
+        == b"h"
+    )
+    r = requests.post(url, data=b"h", headers={"Authorization": f"Bearer {SHA_SECRET}"}, timeout=10)
+    assert r.status_code == 403 and "lacks the 'invoke' scope" in r.text
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Basic dXNlcjpwYXNz", "Bearer", "Bearer    ", f"Token {ENV_INVOKE}", ENV_INVOKE, f"Bearer{ENV_INVOKE}"],
+)
+def test_malformed_authorization_is_401(digests_and_env: RunningGateway, header: str) -> None:
+    r = requests.post(
+        f"{digests_and_env.http_url}/function/echo", data=b"x", headers={"Authorization": header}, timeout=10
+    )
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+    assert "malformed Authorization header: use 'Bearer <token>'" in r.text or "invalid token" in r.text
+    call = digests_and_env.channel(None).unary_unary(
+        "/pb.FxGateway/Invoke",
+        request_serializer=gpb.InvokeServiceRequest.SerializeToString,
+        response_deserializer=gpb.Message.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        call(
+            gpb.InvokeServiceRequest(Service="echo", Input=b"x"),
+            metadata=(("authorization", header),),
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_malformed_authorization_says_how_to_send_it(digests_and_env: RunningGateway) -> None:
+    for header in ("Basic dXNlcjpwYXNz", "Bearer    ", ENV_INVOKE):
+        r = requests.post(
+            f"{digests_and_env.http_url}/function/echo",
+            data=b"x",
+            headers={"Authorization": header},
+            timeout=10,
+        )
+        assert r.status_code == 401 and "malformed Authorization header: use 'Bearer <token>'" in r.text
+    # the scheme is case-insensitive (RFC 7235)
+    lower = requests.post(
+        f"{digests_and_env.http_url}/function/echo",
+        data=b"x",
+        headers={"Authorization": f"bearer {ENV_INVOKE}"},
+        timeout=10,
+    )
+    assert lower.status_code == 200 and lower.content == b"x"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "tokens file not found"),
+        ("tokens: [a, b", "not valid YAML"),
+        ("tokens: {name: x}", "expected 'tokens:' with a list"),
+        ("tokens:\n  - {name: x, token: s, scope: [invoke]}", "tokens[0]: unknown key 'scope'"),
+        ("tokens:\n  - {name: x, token: s, scopes: [admin]}", "tokens[0]: scopes must be among"),
+        ("tokens:\n  - {name: x, sha256: not-hex}", "tokens[0]: sha256 is not hex"),
+        ("tokens:\n  - {name: x}", "tokens[0] needs 'token' or 'sha256'"),
+        ("tokens:\n  - just-a-string", "tokens[0] must be a mapping"),
+    ],
+)
+def test_bad_tokens_file_stops_the_gateway(tmp_path: Path, content: str | None, message: str) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    if content is not None:
+        tokens.write_text(content + "\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "openfx.gateway",
+            "--no-functions",
+            "--tokens-file",
+            str(tokens),
+            "--grpc",
+            f"127.0.0.1:{free_port()}",
+            "--http",
+            f"127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("OPENFX_")},
+    )
+    last = out.stderr.strip().splitlines()[-1]  # one line says what is wrong, and where
+    assert out.returncode == 2 and last.startswith(f"gateway: {tokens}: ") and message in last, out.stderr
