@@ -17,7 +17,7 @@ from openfx.config import FunctionSpec
 ROOT = Path(openfx.__file__).resolve().parent.parent
 DOCKERFILES = ROOT / "dockerfiles"
 # The runtime a watcher process needs inside the image, relative to the openfx package.
-WATCHER_RUNTIME = ("__init__.py", "errors.py", "framing.py", "parent.py", "pb", "watcher")
+WATCHER_RUNTIME = ("__init__.py", "errors.py", "fn.py", "framing.py", "parent.py", "pb", "watcher")
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".venv", ".pytest_cache", "build")
 
 

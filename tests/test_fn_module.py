@@ -1,0 +1,60 @@
+"""`openfx.fn`, the module for function authors: its statuses reach callers on every path with the
+documented code, and its logger writes to the function's log."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+
+from openfx.errors import InvokeError
+from openfx.pb import fxgateway_pb2 as gpb
+from openfx.pb import fxwatcher_pb2 as wpb
+from openfx.watcher.loader import load_handler
+from openfx.watcher.runtime import FunctionRuntime
+from tests.conftest import FIXTURES, RunningGateway, start_gateway
+
+HANDLER = FIXTURES / "functions" / "author" / "src" / "handler.py"
+EXPECTED = {
+    "bad": (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    "missing": (grpc.StatusCode.NOT_FOUND, 404),
+    "deny": (grpc.StatusCode.PERMISSION_DENIED, 403),
+    "later": (grpc.StatusCode.UNAVAILABLE, 503),
+}
+
+
+@pytest.mark.parametrize("word", sorted(EXPECTED))
+def test_runtime_keeps_the_authors_status(word: str) -> None:
+    runtime = FunctionRuntime("author", load_handler(HANDLER))
+    with pytest.raises(InvokeError) as err:
+        runtime.invoke(wpb.Request(input=word.encode()))
+    assert err.value.code == EXPECTED[word][0] and err.value.message == f"answer for {word}"
+
+
+@pytest.fixture(scope="module")
+def author(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    tmp = tmp_path_factory.mktemp("author")
+    stack = tmp / "stack.yaml"
+    stack.write_text(f"functions:\n  author:\n    handler: {{dir: {HANDLER.parent}, file: handler.py}}\n")
+    gw = start_gateway(stack, tmp / "gateway.log")
+    try:
+        gw.wait_ready(names={"author"})
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_statuses_and_log_through_the_gateway(author: RunningGateway, tmp_path: Path) -> None:
+    stub = author.stub()
+    for word, (code, http) in EXPECTED.items():
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Invoke(gpb.InvokeServiceRequest(Service="author", Input=word.encode()), timeout=10)
+        assert err.value.code() == code and err.value.details() == f"answer for {word}"
+        r = requests.post(f"{author.http_url}/function/author", data=word.encode(), timeout=10)
+        assert r.status_code == http and r.text == f"answer for {word}\n"
+    assert stub.Invoke(gpb.InvokeServiceRequest(Service="author", Input=b"ok"), timeout=10).Msg == b"fine: ok"
+    log = stub.GetLog(gpb.FunctionRequest(FunctionName="author"), timeout=10).Msg.decode()
+    assert "author got 'ok'" in log and "author got 'later'" in log
