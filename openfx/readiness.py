@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 POLL_SECONDS = 0.05
+PLATFORM_READY = "platform.ready"  # in the state folder: the launcher's ready line
 
 
 def mark_ready(path: str | Path, line: str = "ready") -> None:

@@ -1,4 +1,4 @@
-"""Triggers through the real platform (`python -m openfx.platform`): a per-second schedule, a run
+"""Triggers through the real platform (`python -m openfx.launcher`): a per-second schedule, a run
 slower than its tick, a restart with ticks missed while down, and the platform's ready file."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Platform:
             [
                 sys.executable,
                 "-m",
-                "openfx.platform",
+                "openfx.launcher",
                 "-f",
                 str(self.stack),
                 "--no-mqtt",

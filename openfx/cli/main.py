@@ -8,8 +8,8 @@ from openfx import __version__
 from openfx.cli.aliases import AliasGroup
 from openfx.cli.fn import function
 from openfx.cli.k8s import k8s
-from openfx.cli.platform import down, up
 from openfx.cli.token import token
+from openfx.cli.updown import down, up
 
 
 class Root(AliasGroup):

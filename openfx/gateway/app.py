@@ -73,7 +73,7 @@ class GatewaySettings:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The gateway's flags (each also read from an environment variable), shared by
-    `python -m openfx.gateway` and `python -m openfx.platform`."""
+    `python -m openfx.gateway` and `python -m openfx.launcher`."""
     d = GatewaySettings()
     env = os.environ.get
     parser.add_argument("--grpc", default=env("OPENFX_GRPC_ADDR", d.grpc_address), help="gRPC listen address")
@@ -214,7 +214,17 @@ class Gateway:
             return KubernetesBackend(s.namespace, s.function_address, s.max_message_bytes)
         if s.backend != "embedded":
             raise ValueError(f"unknown backend {s.backend!r}: use embedded or kubernetes")
-        return EmbeddedBackend(self.run_dir, s.max_message_bytes, s.grace_seconds)
+        try:
+            return EmbeddedBackend(
+                self.run_dir,
+                s.max_message_bytes,
+                s.grace_seconds,
+                function_user=s.function_user,
+                timeout_grace=float(os.environ.get("OPENFX_TIMEOUT_GRACE", "2")),
+                on_recycle=self.metrics.replica_recycled,
+            )
+        except ValueError as exc:  # e.g. --function-user names no user
+            raise ConfigError(str(exc)) from None
 
     def _check_exposure(self) -> None:
         s = self.settings

@@ -1,7 +1,7 @@
 """Triggers: what calls functions besides a client's own gRPC or HTTP request.
 
 Every kind is one module here with one `Trigger` subclass (see base.py for the shape), listed in
-`KINDS`. The platform (openfx/platform.py) builds each from the stack file, starts it after the
+`KINDS`. The platform (openfx/launcher.py) builds each from the stack file, starts it after the
 gateway, waits for it to be ready, and stops it before the gateway, the same way for all kinds.
 To add a kind (Kafka, a file watcher): write `openfx/triggers/<kind>.py`, add it to `KINDS`,
 document its config keys in the README's "Triggers" section. Nothing else changes: the gateway

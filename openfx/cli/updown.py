@@ -21,7 +21,6 @@ from openfx import readiness
 from openfx.cli.token import ensure_local_token
 from openfx.config import ConfigError, load_stack
 from openfx.gateway.app import GatewaySettings
-from openfx.platform import READY_FILE
 from openfx.state import state_dir
 
 
@@ -94,7 +93,7 @@ def up(
     args = [
         sys.executable,
         "-m",
-        "openfx.platform",
+        "openfx.launcher",
         "-f",
         stack_file,
         "--grpc",
@@ -114,7 +113,7 @@ def up(
     if (pid := _running_pid(pid_file)) is not None:
         raise click.ClickException(f"already running (pid {pid}); stop it with 'openfx-cli down'")
     log_path = folder / "gateway.log"  # rotated by the platform itself (--log-file)
-    ready_file = folder / READY_FILE
+    ready_file = folder / readiness.PLATFORM_READY
     readiness.clear(ready_file)
     with open(folder / "platform.out", "ab") as out:  # what is written before logging is set up
         proc = subprocess.Popen(

@@ -1,4 +1,4 @@
-"""`python -m openfx.platform`: the whole embedded platform in one foreground process tree.
+"""`python -m openfx.launcher`: the whole embedded platform in one foreground process tree.
 
 Starts the gateway with every function (in this process), then every trigger the stack file
 asks for (openfx/triggers: the MQTT broker and bridge, schedules), and says it is ready in
@@ -23,7 +23,6 @@ from openfx.gateway.app import Gateway, GatewaySettings, add_arguments, configur
 from openfx.state import state_dir
 from openfx.triggers import KINDS, PlatformContext, Trigger, TriggerError
 
-READY_FILE = "platform.ready"
 TRIGGER_READY_SECONDS = 20.0
 
 log = logging.getLogger("openfx.platform")
@@ -45,7 +44,7 @@ async def run(stack_path: Path, stack: StackFile, settings: GatewaySettings, sta
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    ready_file = state_dir / READY_FILE
+    ready_file = state_dir / readiness.PLATFORM_READY
     readiness.clear(ready_file)
     try:
         gateway = Gateway(settings, stack)
@@ -106,7 +105,7 @@ async def _stop(triggers: list[Trigger], gateway: Gateway) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m openfx.platform", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m openfx.launcher", description=__doc__)
     p.add_argument("-f", "--file", default="openfx.yaml")
     add_arguments(p)
     p.add_argument("--mqtt-port", type=int, default=None, help="override the stack file's mqtt.port")
