@@ -16,9 +16,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from openfx import defaults
+
 # a DNS label (Kubernetes Service names, Unix socket paths stay short): at most 63 characters
 NAME_RE = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DEFAULT_GATEWAY = "127.0.0.1:31113"
+DEFAULT_GATEWAY = defaults.GATEWAY_GRPC
 
 
 class ConfigError(Exception):
@@ -70,8 +72,8 @@ class FunctionSpec(_Strict):
     build_options: list[str] = Field(default_factory=list)
     build_args: list[str] = Field(default_factory=list)
     # additions
-    timeout: float = 30.0
-    max_inflight: int = Field(default=100, ge=1)
+    timeout: float = defaults.TIMEOUT_SECONDS
+    max_inflight: int = Field(default=defaults.MAX_INFLIGHT, ge=1)
     replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=0, ge=0)  # cluster mode: > replicas adds a HorizontalPodAutoscaler
     max_request_bytes: int = Field(default=0, ge=0)  # 0: only the gateway-wide limit
@@ -131,7 +133,7 @@ class MqttSpec(_Strict):
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=0, le=65535)
+    port: int = Field(default=defaults.MQTT_PORT, ge=0, le=65535)
     persistence: bool = True
     bridge: str = "broker/bridge.yaml"  # relative to the stack file
 

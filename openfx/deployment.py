@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 
+from openfx import defaults
 from openfx.config import NAME_RE, FunctionSpec
 from openfx.errors import InvokeError
 from openfx.pb import fxgateway_pb2 as gpb
@@ -31,7 +32,7 @@ SCHEDULE_ENABLED = "openfx.schedule.enabled"
 
 # Caps on what one Deploy may ask for: replicas are processes (the scale route has the same cap),
 # and the environment is passed to exec, which refuses past the kernel's argument limits.
-MAX_REPLICAS = 64
+MAX_REPLICAS = defaults.MAX_REPLICAS
 MAX_ENV_VARS = 256
 MAX_ENV_VALUE_BYTES = 32 * 1024
 MAX_ENV_TOTAL_BYTES = 256 * 1024
@@ -121,7 +122,7 @@ class FunctionDef:
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
-    timeout: float = 30.0
+    timeout: float = defaults.TIMEOUT_SECONDS
     max_inflight: int = 100
     replicas: int = 1
     max_request_bytes: int = 0  # 0: only the gateway-wide message limit
@@ -139,8 +140,8 @@ class FunctionDef:
             )
         ann = dict(req.Annotations)
         try:
-            timeout = float(ann.get(TIMEOUT, "30"))
-            max_inflight = int(ann.get(MAX_INFLIGHT, "100"))
+            timeout = float(ann.get(TIMEOUT, defaults.TIMEOUT_SECONDS))
+            max_inflight = int(ann.get(MAX_INFLIGHT, defaults.MAX_INFLIGHT))
             max_request_bytes = int(ann.get(MAX_REQUEST_BYTES, "0"))
         except ValueError as exc:
             raise InvokeError(bad, f"bad annotation: {exc}") from None

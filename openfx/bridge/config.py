@@ -15,6 +15,7 @@ import yaml
 from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from openfx import defaults
 from openfx.config import NAME_RE, ConfigError
 
 
@@ -65,11 +66,11 @@ class Retry(_Strict):
 
 class BridgeConfig(_Strict):
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int = defaults.MQTT_PORT
     username: str | None = None
     password: str | None = None
     tls: TLS | None = None
-    gateway: str = "127.0.0.1:31113"
+    gateway: str = defaults.GATEWAY_GRPC
     token: str | None = (
         None  # bearer token for the gateway; default OPENFX_TOKEN (keep it out of files in git)
     )

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from openfx import defaults
 from openfx.deployment import FunctionDef
 
 GATEWAY_NAMESPACE = "openfx"
 FUNCTION_NAMESPACE = "openfx-fn"
-WATCHER_PORT = 50051
+WATCHER_PORT = defaults.WATCHER_PORT
+GRPC, HTTP = defaults.GATEWAY_GRPC_PORT, defaults.GATEWAY_HTTP_PORT
 LABEL = "openfx_fn"
 GATEWAY_IMAGE = "localhost:5000/openfx/fxgateway:0.1.0"
 
@@ -167,7 +169,7 @@ def platform_manifests(
         "subjects": [{"kind": "ServiceAccount", "name": "fxgateway", "namespace": namespace}],
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "fxgateway"},
     }
-    probe = {"grpc": {"port": 31113}, "periodSeconds": 10, "timeoutSeconds": 2}
+    probe = {"grpc": {"port": GRPC}, "periodSeconds": 10, "timeoutSeconds": 2}
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -178,7 +180,7 @@ def platform_manifests(
             "template": {
                 "metadata": {
                     "labels": labels,
-                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "31114"},
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP)},
                 },
                 "spec": {
                     "serviceAccountName": "fxgateway",
@@ -193,9 +195,9 @@ def platform_manifests(
                                 functions,
                                 "--no-functions",
                                 "--grpc",
-                                "0.0.0.0:31113",
+                                f"0.0.0.0:{GRPC}",
                                 "--http",
-                                "0.0.0.0:31114",
+                                f"0.0.0.0:{HTTP}",
                                 *host_args,
                             ],
                             "env": [
@@ -203,8 +205,8 @@ def platform_manifests(
                                 {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                             ],
                             "ports": [
-                                {"name": "grpc", "containerPort": 31113},
-                                {"name": "http", "containerPort": 31114},
+                                {"name": "grpc", "containerPort": GRPC},
+                                {"name": "http", "containerPort": HTTP},
                             ],
                             "readinessProbe": probe,
                             "livenessProbe": {**probe, "initialDelaySeconds": 10},
@@ -236,8 +238,8 @@ def platform_manifests(
             "type": "NodePort",
             "selector": labels,
             "ports": [
-                {"name": "grpc", "port": 31113, "targetPort": 31113, "nodePort": 31113},
-                {"name": "http", "port": 31114, "targetPort": 31114, "nodePort": 31114},
+                {"name": "grpc", "port": GRPC, "targetPort": GRPC, "nodePort": GRPC},
+                {"name": "http", "port": HTTP, "targetPort": HTTP, "nodePort": HTTP},
             ],
         },
     }

@@ -22,6 +22,7 @@ import grpc
 from croniter import croniter
 from prometheus_client import Counter
 
+from openfx import defaults
 from openfx.client_channel import aio_gateway_channel, bearer
 from openfx.deployment import SCHEDULE, SCHEDULE_ENABLED, SCHEDULE_INPUT, TIMEOUT
 from openfx.pb import fxgateway_pb2 as gpb
@@ -133,7 +134,7 @@ class ScheduleTrigger(Trigger):
                     fn.Name,
                     ann[SCHEDULE],
                     ann.get(SCHEDULE_INPUT, "").encode(),
-                    float(ann.get(TIMEOUT, "30")),
+                    float(ann.get(TIMEOUT, defaults.TIMEOUT_SECONDS)),
                 )
         for name in list(self.jobs):
             if wanted.get(name) != self.jobs[name][0]:

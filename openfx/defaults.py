@@ -1,0 +1,16 @@
+"""The numbers the contracts fix, in one place (DESIGN.md §3): ports, and the defaults a function
+gets when its config says nothing. Everything else imports them from here."""
+
+from __future__ import annotations
+
+GATEWAY_GRPC_PORT = 31113  # OpenFx's NodePort
+GATEWAY_HTTP_PORT = 31114
+GATEWAY_GRPC = f"127.0.0.1:{GATEWAY_GRPC_PORT}"
+GATEWAY_HTTP = f"127.0.0.1:{GATEWAY_HTTP_PORT}"
+WATCHER_PORT = 50051  # a function's FxWatcher in a container
+MQTT_PORT = 1883
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # every gRPC end and the HTTP body
+
+TIMEOUT_SECONDS = 30.0  # a function's `timeout`
+MAX_INFLIGHT = 100  # a function's `max_inflight`
+MAX_REPLICAS = 64  # Deploy, Update and scaling in embedded mode
