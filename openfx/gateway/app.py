@@ -21,6 +21,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from openfx import defaults
 from openfx.config import ConfigError, StackFile
 from openfx.deployment import FunctionDef, to_request
 from openfx.gateway.auth import ANY, INVOKE, MANAGE, AuthInterceptor, TokenStore, is_loopback
@@ -39,9 +40,9 @@ log = logging.getLogger("openfx.gateway")
 
 @dataclass
 class GatewaySettings:
-    grpc_address: str = "127.0.0.1:31113"
-    http_address: str = "127.0.0.1:31114"
-    max_message_bytes: int = 64 * 1024 * 1024
+    grpc_address: str = defaults.GATEWAY_GRPC
+    http_address: str = defaults.GATEWAY_HTTP
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
     grace_seconds: float = 10.0
     ready_timeout: float = 120.0
     max_streams: int = 256  # open Invokes streams, all functions together
@@ -54,7 +55,7 @@ class GatewaySettings:
     tls_client_ca: str | None = None  # set to require client certificates (mutual TLS)
     backend: str = "embedded"  # or "kubernetes": functions are Deployments in `namespace`
     namespace: str = "openfx-fn"
-    function_address: str = "dns:///{name}.{namespace}.svc.cluster.local:50051"
+    function_address: str = f"dns:///{{name}}.{{namespace}}.svc.cluster.local:{defaults.WATCHER_PORT}"
     # management (Deploy/Update/Delete/ReplicaUpdate/GetLog) needs a token even on loopback unless this
     open_management: bool = False
     admin_token_file: str | None = None  # the local admin token `openfx-cli up` creates (manage + invoke)
