@@ -16,6 +16,7 @@ import requests
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
 from tests.conftest import FIXTURES, MiB, RunningGateway
+from tests.shared_tmp import shared_tmp
 
 
 def invoke(gw: RunningGateway, name: str, data: bytes, timeout: float = 10) -> bytes:
@@ -106,8 +107,13 @@ def wait_file(path: Path, timeout: float = 20) -> None:
         time.sleep(0.01)
 
 
-def test_too_many_in_flight_is_resource_exhausted_not_queued(gateway: RunningGateway, tmp_path: Path) -> None:
+def test_too_many_in_flight_is_resource_exhausted_not_queued(gateway: RunningGateway) -> None:
     """latch allows 2 calls in flight; its handler reports each start and holds it until released."""
+    with shared_tmp() as tmp_path:  # the handler runs as the function user: it writes here
+        _too_many_in_flight(gateway, tmp_path)
+
+
+def _too_many_in_flight(gateway: RunningGateway, tmp_path: Path) -> None:
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         held = [
             pool.submit(invoke, gateway, "latch", str(tmp_path / f"call{i}").encode(), 30) for i in range(2)

@@ -5,12 +5,19 @@ health to say SERVING, then talks to it over one persistent framed Unix-socket
 connection (unary calls) and one persistent gRPC channel (streams). A replica
 that exits is restarted with capped exponential backoff; while none is ready,
 calls fail fast with UNAVAILABLE instead of hanging.
+
+What a replica may do is bounded here (see sandbox.py, limits.py, cgroups.py, procgroup.py):
+it runs as the function user when the gateway is root, leads a process group of its own and,
+where the machine allows, sits in a cgroup holding its memory and CPU limits. A monitor recycles
+(kills and restarts) a replica that goes over its memory limit (callers in flight get
+RESOURCE_EXHAUSTED) or holds a call past the function's timeout plus a grace (UNAVAILABLE), so
+neither a leak nor a stuck handler can wedge a function. Stopping a replica ends its whole
+process group and everything left in its cgroup.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
@@ -18,50 +25,71 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from openfx import parent
+from openfx import parent, procgroup
 from openfx.deployment import FunctionDef
 from openfx.errors import InvokeError, not_found
+from openfx.gateway import sandbox
+from openfx.gateway.cgroups import Cgroups, ReplicaCgroup
 from openfx.gateway.framed_client import FramedClient
+from openfx.gateway.limits import Enforcement, decide
+from openfx.gateway.logs import LineCutter, RecentOutput
 from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
 
 log = logging.getLogger("openfx.gateway")
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 BACKOFF_FIRST = 0.25
 BACKOFF_CAP = 10.0
 HEALTHY_RESET = 30.0  # a replica that ran this long starts its backoff afresh
-LOG_LINES = 2000
+TIMEOUT_GRACE = 2.0  # a call this long past the function's timeout gets its replica recycled
+MONITOR_INTERVAL = 0.2
+WATCHER_THREADS = 16  # the watcher's default pool (WATCHER_THREADS)
+_ERROR_WORDS = ("error", "traceback")
 
 
 class Replica:
     """One watcher process and the connections to it."""
 
-    def __init__(self, fn: Function, index: int, run_dir: Path, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        fn: Function,
+        index: int,
+        run_dir: Path,
+        max_message_bytes: int,
+        backend: EmbeddedBackend | None = None,
+    ) -> None:
         self.fn = fn
         self.index = index
         self.label = f"{fn.name}[{index}]"
-        stem = run_dir / f"{fn.name}-{index}"
-        self.grpc_address = f"unix:{stem}.grpc.sock"
-        self.framed_path = f"{stem}.sock"
-        self.lock_path = f"{stem}.lock"
+        self.backend = backend
+        self.dirs = sandbox.ReplicaDirs(run_dir, f"{fn.name}-{index}", backend.user if backend else None)
+        self.grpc_address = self.dirs.grpc_address
+        self.framed_path = self.dirs.framed_socket
+        self.lock_path = self.dirs.lock_file
         self.max_message_bytes = max_message_bytes
         self.process: asyncio.subprocess.Process | None = None
         self.framed: FramedClient | None = None
         self.channel: grpc.aio.Channel | None = None
         self.stub: wpb_grpc.FxWatcherStub | None = None
+        self.cgroup: ReplicaCgroup | None = None
         self.ready = False
         self.in_flight = 0
         self.restarts = 0
+        self.runs = 0
         self.stopping = False
+        self.recycled: InvokeError | None = None  # why this run was ended by the gateway
+        self.errors_this_run = 0
         self.task: asyncio.Task[None] | None = None
+        self.running = False  # inside a run (not waiting out a backoff)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._supervise(), name=self.label)
@@ -70,12 +98,15 @@ class Replica:
         backoff = BACKOFF_FIRST
         while not self.stopping:
             started = time.monotonic()
+            self.running = True
             try:
                 await self._run_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let a supervisor die silently
-                self.fn.note(f"{self.label}: supervisor error: {exc}")
+                self.fn.note(f"{self.label}: cannot start: {exc}", error=True)
+            finally:
+                self.running = False
             if self.stopping:
                 break
             if time.monotonic() - started > HEALTHY_RESET:
@@ -85,11 +116,12 @@ class Replica:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_CAP)
 
-    async def _run_once(self) -> None:
+    def _environment(self) -> dict[str, str]:
         fn = self.fn.definition
         assert fn.handler_dir is not None
-        env = {
-            **os.environ,
+        return {
+            **sandbox.base_environment(),
+            **self.dirs.environment(),
             **fn.env,
             "FUNCTION_NAME": fn.name,
             "HANDLER_DIR": str(fn.handler_dir.parent),
@@ -102,18 +134,32 @@ class Replica:
             "PYTHONUNBUFFERED": "1",
             "WATCHER_LOG_PREFIX": "0",
             parent.ENV: "1",
+            procgroup.ENV: "1",
         }
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "openfx.watcher",
-            cwd=str(fn.handler_dir.parent),
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
+
+    async def _run_once(self) -> None:
+        fn = self.fn.definition
+        assert fn.handler_dir is not None and self.backend is not None
+        self.runs += 1
+        self.recycled = None
+        self.errors_this_run = 0
+        self.dirs.prepare()
+        self.cgroup = self.backend.make_cgroup(f"{fn.name}-{self.index}-{self.runs}", self.fn.enforcement)
+        procs = [str(folder / "cgroup.procs") for folder in self.cgroup.folders] if self.cgroup else []
+        argv = sandbox.command([sys.executable, "-m", "openfx.watcher"], self.backend.user, procs)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=str(fn.handler_dir.parent),
+                env=self._environment(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except BaseException:
+            await self._reap()
+            raise
         pump = asyncio.get_running_loop().create_task(self._pump_output(self.process))
         try:
             if await self._wait_ready():
@@ -124,15 +170,30 @@ class Replica:
         finally:
             self.ready = False
             self.fn.update_gauge()
+            self.check_memory(None)  # an OOM kill that ended the process is still a recycle
             await self._disconnect()
+            await self._reap()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(pump, 2)
-            if self.process.returncode is None:
+            code = self.process.returncode
+            if not self.stopping and self.recycled is None and code not in (0, None):
+                self.fn.note(f"{self.label}: process exited with code {code}", error=not self.errors_this_run)
+
+    async def _reap(self) -> None:
+        """End whatever is left of this run: its process group, every pid in its cgroup, the cgroup."""
+        process = self.process
+        if process is not None:
+            procgroup.kill_group(process.pid)
+            if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
-            if not self.stopping and self.process.returncode not in (0, None):
-                self.fn.note(f"{self.label}: process exited with code {self.process.returncode}")
+                    process.kill()
+                await process.wait()
+            procgroup.kill_group(process.pid)  # children forked while the leader was dying
+        cgroup, self.cgroup = self.cgroup, None
+        if cgroup is not None:
+            if not await cgroup.kill_all():
+                log.warning("%s: processes left in cgroup %s", self.label, cgroup.folders)
+            cgroup.remove()
 
     async def _wait_ready(self) -> bool:
         """Poll gRPC health until SERVING; False if the process exits first."""
@@ -145,13 +206,16 @@ class Replica:
             ],
         )
         health = health_pb2_grpc.HealthStub(self.channel)
-        while self.process.returncode is None and not self.stopping:
+        while self.process.returncode is None and not self.stopping and self.recycled is None:
             try:
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     self.stub = wpb_grpc.FxWatcherStub(self.channel)
-                    self.framed = FramedClient(self.framed_path, self.label)
-                    await self.framed.connect()
+                    framed = FramedClient(
+                        self.framed_path, self.label, self.max_message_bytes, lost_error=self._lost_error
+                    )
+                    await framed.connect()
+                    self.framed = framed
                     return True
             except (grpc.aio.AioRpcError, OSError):
                 pass
@@ -159,12 +223,20 @@ class Replica:
         return False
 
     async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
+        """Every line of output, of any length (long ones cut), read as fast as it comes."""
         assert process.stdout is not None
+        cutter = LineCutter()
         while True:
-            line = await process.stdout.readline()
-            if not line:
+            chunk = await process.stdout.read(1 << 16)
+            for line in cutter.feed(chunk) if chunk else cutter.flush():
+                self._output(line)
+            if not chunk:
                 return
-            self.fn.note(f"{self.label}: {line.decode('utf-8', 'replace').rstrip()}")
+
+    def _output(self, line: str) -> None:
+        error = any(word in line.lower() for word in _ERROR_WORDS)
+        self.errors_this_run += error
+        self.fn.note(f"{self.label}: {line}", error=error)
 
     async def _disconnect(self) -> None:
         if self.framed is not None:
@@ -174,6 +246,64 @@ class Replica:
             await self.channel.close()
             self.channel = None
         self.stub = None
+
+    # -- recycling ---------------------------------------------------------
+
+    def recycle(self, reason: str, error: InvokeError) -> None:
+        """Kill this run now (the supervisor restarts it); callers on it get `error`."""
+        if self.recycled is not None or self.process is None or self.stopping:
+            return
+        self.recycled = error
+        self.ready = False
+        self.fn.update_gauge()
+        self.fn.note(f"{self.label}: recycled: {error.message}", error=True)
+        if self.backend is not None:
+            self.backend.on_recycle(self.fn.name, reason)
+        if self.framed is not None:
+            self.framed.fail_pending(error)
+        procgroup.kill_group(self.process.pid)
+        if self.cgroup is not None:
+            self.cgroup.kill()
+
+    def _lost_error(self) -> InvokeError | None:
+        """Why the framed connection ended, for the callers waiting on it."""
+        self.check_memory(None)
+        return self.recycled
+
+    def check_memory(self, groups: dict[int, list[int]] | None) -> None:
+        """Recycle when the kernel OOM-killed in the cgroup, or (no cgroup) the group's RSS is over."""
+        limit = self.fn.enforcement.memory_bytes
+        if limit is None or self.process is None or self.recycled is not None:
+            return
+        if self.fn.enforcement.memory_by_cgroup:
+            if self.cgroup is not None and self.cgroup.oom_kills():
+                self._over_memory("")
+        elif groups is not None:
+            rss = procgroup.rss_bytes(groups.get(self.process.pid, []))
+            if rss > limit:
+                self._over_memory(f" (RSS {rss >> 20} MiB)")
+
+    def _over_memory(self, detail: str) -> None:
+        e = self.fn.enforcement
+        message = (
+            f"{self.label} went over its memory limit of {e.memory_text} (limits.memory, {e.memory_by})"
+            f"{detail}; restarting it"
+        )
+        self.recycle("memory", InvokeError(RESOURCE_EXHAUSTED, message))
+
+    def check_calls(self, now: float, grace: float) -> None:
+        """Recycle when a call ran past the timeout + grace, or overdue calls hold every worker."""
+        framed = self.framed
+        if framed is None or not self.ready:
+            return  # a replica still starting is never recycled by this rule
+        timeout = self.fn.definition.timeout
+        count, oldest = framed.overdue(timeout, now)
+        if count and (oldest > timeout + grace or count >= self.fn.workers):
+            message = (
+                f"{self.label} was recycled: a call ran past {self.fn.name}'s timeout of {timeout:g}s"
+                + (f" (+{grace:g}s grace)" if oldest > timeout + grace else f" in all {count} workers")
+            )
+            self.recycle("timeout", InvokeError(UNAVAILABLE, message))
 
     async def stop(self, grace: float) -> None:
         self.stopping = True
@@ -185,13 +315,17 @@ class Replica:
             try:
                 await asyncio.wait_for(process.wait(), grace)
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
+                procgroup.kill_group(process.pid)
         if self.task is not None:
+            if self.running:
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(self.task), 5)  # let it reap its run
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         await self._disconnect()
+        await self._reap()
+        self.dirs.remove()
 
     @property
     def connected(self) -> bool:
@@ -221,20 +355,33 @@ class Function:
     invocations: int = 0
     in_flight: int = 0
     last_error: str = ""
-    logs: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=LOG_LINES))
+    logs: RecentOutput = field(default_factory=RecentOutput)
+    enforcement: Enforcement = field(default_factory=Enforcement)
+    backend: EmbeddedBackend | None = None
     _rr: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
     def name(self) -> str:
         return self.definition.name
 
-    def note(self, line: str) -> None:
-        """Keep a line of the function's output and echo it to the gateway's log, name first."""
+    @property
+    def workers(self) -> int:
+        """Calls one replica runs at once (the watcher's thread pool)."""
+        value = self.definition.env.get("WATCHER_THREADS") or os.environ.get("WATCHER_THREADS", "")
+        return int(value) if value.isdigit() and int(value) > 0 else WATCHER_THREADS
+
+    @property
+    def limit_notes(self) -> dict[str, str]:
+        """`fn info` annotations: each limit and how it is enforced."""
+        return self.enforcement.describe()
+
+    def note(self, line: str, error: bool = False) -> None:
+        """Keep a line of the function's output (or about it) and log it, name first;
+        `error` lines are what `fn info`/`fn list` show while no replica is ready."""
         self.logs.append(line)
-        lowered = line.lower()
-        if "error" in lowered or "exited" in lowered or "traceback" in lowered:
+        if error:
             self.last_error = line
-        print(line, file=sys.stderr, flush=True)
+        log.info("%s", line)
 
     def update_gauge(self) -> None:
         if callable(self.on_gauge):
@@ -251,7 +398,7 @@ class Function:
     def scale_to(self, count: int) -> list[Replica]:
         """Start replicas up to `count`; return the ones to stop (newest first)."""
         while len(self.replicas) < count:
-            replica = Replica(self, len(self.replicas), self.run_dir, self.max_message_bytes)
+            replica = Replica(self, len(self.replicas), self.run_dir, self.max_message_bytes, self.backend)
             self.replicas.append(replica)
             replica.start()
         surplus = self.replicas[count:]
@@ -280,12 +427,53 @@ class EmbeddedBackend:
 
     mode = "embedded"
 
-    def __init__(self, run_dir: Path, max_message_bytes: int, grace: float = 10.0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        max_message_bytes: int,
+        grace: float = 10.0,
+        function_user: str | None = "",
+        timeout_grace: float = TIMEOUT_GRACE,
+        on_recycle: Callable[[str, str], None] | None = None,
+        cgroups: Cgroups | None | bool = True,
+    ) -> None:
+        """`function_user`: see sandbox.function_user (None: the default user when root; "": our
+        own). `cgroups`: True to detect them, False for none, or a Cgroups to use."""
+        self.user = sandbox.function_user(function_user)
         self.run_dir = run_dir
+        self.replicas_root = sandbox.replicas_root(run_dir, self.user)
         self.max_message_bytes = max_message_bytes
         self.grace = grace
+        self.timeout_grace = timeout_grace
+        self._on_recycle = on_recycle
+        self.cgroups = Cgroups.detect() if cgroups is True else (cgroups or None)
         self.functions: dict[str, Function] = {}
         self.on_gauge: object = None
+        self._user_ok = self.user is None
+        self._monitor: asyncio.Task[None] | None = None
+        where = (
+            f"cgroup v{self.cgroups.version} ({', '.join(self.cgroups.bases)})" if self.cgroups else "none"
+        )
+        log.info(
+            "functions run as %s; limits by cgroups: %s",
+            self.user.name if self.user else "the gateway's user",
+            where,
+        )
+
+    def on_recycle(self, name: str, reason: str) -> None:
+        if self._on_recycle is not None:
+            self._on_recycle(name, reason)
+
+    def make_cgroup(self, name: str, enforcement: Enforcement) -> ReplicaCgroup | None:
+        """A cgroup for one run of a replica, holding its limits (None when cgroups are unusable)."""
+        if self.cgroups is None:
+            return None
+        cgroup = self.cgroups.create(name)
+        if enforcement.memory_bytes is not None and enforcement.memory_by_cgroup:
+            cgroup.set_memory(enforcement.memory_bytes)
+        if enforcement.cpu_cores is not None:
+            cgroup.set_cpu(enforcement.cpu_cores)
+        return cgroup
 
     def get(self, name: str) -> Function:
         fn = self.functions.get(name)
@@ -293,7 +481,8 @@ class EmbeddedBackend:
             raise not_found(name)
         return fn
 
-    def _check_source(self, definition: FunctionDef) -> None:
+    async def _admit(self, definition: FunctionDef) -> Enforcement:
+        """Refuse what cannot run here: no source, no usable interpreter, an unenforceable limit."""
         folder = definition.handler_dir
         if folder is None:
             raise InvokeError(
@@ -305,27 +494,43 @@ class EmbeddedBackend:
             raise InvokeError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"handler not found: {folder / definition.handler_file}"
             )
+        enforcement = decide(
+            definition.name, definition.limits, self.cgroups.controllers if self.cgroups else {}
+        )
+        if not self._user_ok and self.user is not None:
+            problem = await sandbox.check_interpreter(self.user)
+            if problem:
+                raise InvokeError(grpc.StatusCode.FAILED_PRECONDITION, problem)
+            self._user_ok = True
+        if self._monitor is None:
+            self._monitor = asyncio.get_running_loop().create_task(self._watch(), name="replica-monitor")
+        return enforcement
+
+    def _function(self, definition: FunctionDef, enforcement: Enforcement, **kept: object) -> Function:
+        return Function(
+            definition,
+            self.replicas_root,
+            self.max_message_bytes,
+            on_gauge=self.on_gauge,
+            enforcement=enforcement,
+            backend=self,
+            **kept,  # type: ignore[arg-type]
+        )
 
     async def deploy(self, definition: FunctionDef) -> None:
         if definition.name in self.functions:
             raise InvokeError(grpc.StatusCode.ALREADY_EXISTS, f"function {definition.name} already exists")
-        self._check_source(definition)
-        fn = Function(definition, self.run_dir, self.max_message_bytes, on_gauge=self.on_gauge)
+        fn = self._function(definition, await self._admit(definition))
+        if definition.name in self.functions:  # deployed by another call while we checked
+            raise InvokeError(grpc.StatusCode.ALREADY_EXISTS, f"function {definition.name} already exists")
         self.functions[definition.name] = fn
         fn.scale_to(definition.replicas)
 
     async def update(self, definition: FunctionDef) -> None:
         """Replace the function's replicas with new ones (counters and logs are kept)."""
         old = self.get(definition.name)
-        self._check_source(definition)
-        fn = Function(
-            definition,
-            self.run_dir,
-            self.max_message_bytes,
-            on_gauge=self.on_gauge,
-            invocations=old.invocations,
-            logs=old.logs,
-        )
+        enforcement = await self._admit(definition)
+        fn = self._function(definition, enforcement, invocations=old.invocations, logs=old.logs)
         old_replicas = old.replicas
         old.replicas = []
         self.functions[definition.name] = fn
@@ -344,6 +549,26 @@ class EmbeddedBackend:
         surplus = fn.scale_to(count)
         await asyncio.gather(*(r.stop(self.grace) for r in surplus))
 
+    async def _watch(self) -> None:
+        """The monitor: memory (cgroup OOM kills, or RSS without a cgroup) and overdue calls."""
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL)
+            try:
+                self._check_all()
+            except Exception:  # the monitor must outlive any one bad reading
+                log.exception("replica monitor")
+
+    def _check_all(self) -> None:
+        replicas = [r for fn in self.functions.values() for r in fn.replicas]
+        by_rss = any(
+            r.fn.enforcement.memory_bytes and not r.fn.enforcement.memory_by_cgroup for r in replicas
+        )
+        groups = procgroup.groups() if by_rss else None
+        now = time.monotonic()
+        for replica in replicas:
+            replica.check_memory(groups)
+            replica.check_calls(now, self.timeout_grace)
+
     async def wait_ready(self, timeout: float) -> list[str]:
         """Wait until every function has its replicas ready; return the names that are not."""
         deadline = time.monotonic() + timeout
@@ -361,9 +586,18 @@ class EmbeddedBackend:
         """Always current: the processes are ours."""
 
     async def logs(self, name: str) -> str:
-        fn = self.get(name)
-        return "\n".join(fn.logs) + "\n" if fn.logs else ""
+        return self.get(name).logs.text()
 
     async def close(self) -> None:
         replicas = [r for fn in self.functions.values() for r in fn.replicas]
         await asyncio.gather(*(r.stop(self.grace) for r in replicas))
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        if self.cgroups is not None:
+            self.cgroups.close()
+        if self.replicas_root != self.run_dir:
+            import shutil
+
+            shutil.rmtree(self.replicas_root, ignore_errors=True)

@@ -30,6 +30,7 @@ class Management:
     def _describe(self, fn: Function) -> gpb.Function:
         d = fn.definition
         annotations = dict(d.annotations)
+        annotations.update(getattr(fn, "limit_notes", {}))  # e.g. openfx.limits.memory: 256Mi (cgroup v1)
         if fn.last_error and fn.available == 0:
             annotations["openfx.error"] = fn.last_error
         return gpb.Function(

@@ -34,6 +34,13 @@ class GatewayMetrics:
             "gateway_service_count", "Ready replicas per function", ["function_name"], registry=self.registry
         )
 
+        self.recycled = Counter(
+            "gateway_replica_recycled_total",
+            "Replicas killed and restarted by the gateway (memory: over limits.memory; "
+            "timeout: a call ran past the function's timeout plus the grace)",
+            ["function_name", "reason"],
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "gateway_auth_rejected_total",
             "Requests refused by authentication (401) or authorization (403)",
@@ -47,6 +54,9 @@ class GatewayMetrics:
     def observe(self, function: str, http_code: int, seconds: float) -> None:
         self.invocations.labels(function, str(http_code)).inc()
         self.seconds.labels(function).observe(seconds)
+
+    def replica_recycled(self, function: str, reason: str) -> None:
+        self.recycled.labels(function, reason).inc()
 
     def set_replicas(self, function: str, count: int) -> None:
         self.replicas.labels(function).set(count)

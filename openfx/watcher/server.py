@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from openfx import framing
+from openfx import framing, procgroup
 from openfx.errors import InvokeError
 from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
@@ -199,6 +199,12 @@ class Watcher:
     async def _answer_framed(self, writer: asyncio.StreamWriter, request_id: int, payload: bytes) -> None:
         try:
             reply = await self.call(wpb.Request.FromString(payload))
+            limit = self.settings.max_message_bytes
+            if len(reply.Output) > limit:  # as the gRPC server refuses it
+                raise InvokeError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"result of {len(reply.Output)} bytes is over the message limit of {limit}",
+                )
             if reply.ContentType:
                 data = framing.frame(request_id, framing.OK_REPLY, reply.SerializeToString())
             else:
@@ -251,6 +257,8 @@ async def serve(settings: WatcherSettings) -> None:
         await stopper
     log.info("stopping (draining %d in flight)", watcher.in_flight)
     await watcher.stop()
+    # a replica's children go with it, even when the gateway that would have killed them is gone
+    procgroup.end_own_group()
     if watcher.load_error is not None:
         # exit non-zero so a supervisor (the embedded gateway, Kubernetes) shows the failure and retries
         os._exit(3)

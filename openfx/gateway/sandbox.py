@@ -1,0 +1,148 @@
+"""Where and as whom a replica runs.
+
+A gateway running as root never runs function code as root: replicas run as the function user
+(`--function-user`; default `openfx-fn` when that user exists, made by scripts/function-user,
+else `nobody`; "" keeps the gateway's own user). The gateway's run dir is root-only, so each
+replica gets a folder of its own under a shared one the function user can traverse but not list:
+its sockets and lock file (the gateway reaches them as root), a private TMPDIR emptied at every
+start, and a private HOME kept across restarts (Java, Spark and ivy write caches there). The
+replica's environment is the gateway's minus its secrets (tokens), plus those folders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_USER = "openfx-fn"
+FALLBACK_USER = "nobody"
+
+
+# Runs between fork and the watcher's exec, as the gateway's user: joins the replica's cgroups,
+# drops to the function user (no supplementary groups), then execs the watcher. The event loop's
+# subprocess support (uvloop) has no user=/group=, and preexec_fn is not safe in a process with
+# threads (grpc's), so this is a separate interpreter: -I -S ignores PYTHON* variables, user site
+# and .pth files, so nothing from the function's environment runs before the drop.
+_TRAMPOLINE = """
+import os, sys
+uid, gid, procs, *argv = sys.argv[1:]
+try:
+    for path in filter(None, procs.split("\\n")):
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+    if uid != "-":
+        os.setgroups([])
+        os.setgid(int(gid))
+        os.setuid(int(uid))
+    os.execv(argv[0], argv)
+except OSError as e:
+    print(f"cannot start the watcher: {e}", file=sys.stderr)
+    os._exit(126)
+"""
+
+
+@dataclass(frozen=True)
+class FunctionUser:
+    name: str
+    uid: int
+    gid: int
+
+
+def command(argv: list[str], user: FunctionUser | None, cgroup_procs: list[str]) -> list[str]:
+    """`argv`, run as `user` inside the cgroups whose cgroup.procs files are given."""
+    if user is None and not cgroup_procs:
+        return argv
+    uid, gid = (str(user.uid), str(user.gid)) if user else ("-", "-")
+    return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, uid, gid, "\n".join(cgroup_procs), *argv]
+
+
+def function_user(setting: str | None) -> FunctionUser | None:
+    """The user replicas run as, or None for the gateway's own (always None unless root).
+    ValueError for a named user that does not exist."""
+    if os.geteuid() != 0 or setting == "":
+        return None
+    name = setting
+    if name is None:
+        try:
+            pwd.getpwnam(DEFAULT_USER)
+            name = DEFAULT_USER
+        except KeyError:
+            name = FALLBACK_USER
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(
+            f"function user {name!r} does not exist (scripts/function-user makes openfx-fn)"
+        ) from None
+    if entry.pw_uid == 0:
+        return None
+    return FunctionUser(name, entry.pw_uid, entry.pw_gid)
+
+
+async def check_interpreter(user: FunctionUser) -> str:
+    """ "" when `user` can start a watcher with this interpreter, else why not (one line)."""
+    process = await asyncio.create_subprocess_exec(
+        *command([sys.executable, "-c", "import openfx.watcher.server"], user, []),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd="/",
+    )
+    _, err = await process.communicate()
+    if process.returncode == 0:
+        return ""
+    lines = err.decode("utf-8", "replace").strip().splitlines() or [f"exit code {process.returncode}"]
+    return (
+        f"function user {user.name} cannot run {sys.executable}: {lines[-1][:300]} "
+        "(run scripts/function-user as root, or start the gateway with --function-user '')"
+    )
+
+
+class ReplicaDirs:
+    """A replica's folder: w.sock, w.grpc.sock, w.lock, tmp/ (fresh each start), home/."""
+
+    def __init__(self, root: Path, name: str, user: FunctionUser | None) -> None:
+        self.path = root / name
+        self.user = user
+        self.tmp = self.path / "tmp"
+        self.home = self.path / "home"
+        self.framed_socket = str(self.path / "w.sock")
+        self.grpc_address = f"unix:{self.path / 'w.grpc.sock'}"
+        self.lock_file = str(self.path / "w.lock")
+
+    def prepare(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for folder in (self.path, self.tmp, self.home):
+            folder.mkdir(mode=0o700, exist_ok=True)
+            if self.user is not None:
+                os.chown(folder, self.user.uid, self.user.gid)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def environment(self) -> dict[str, str]:
+        env = {"TMPDIR": str(self.tmp)}
+        if self.user is not None:
+            env.update(HOME=str(self.home), USER=self.user.name, LOGNAME=self.user.name)
+        return env
+
+
+def replicas_root(run_dir: Path, user: FunctionUser | None) -> Path:
+    """The folder replica folders go in: the gateway's run dir, or (switching user) a new one
+    others may traverse but not list, since the run dir is the gateway's alone."""
+    if user is None:
+        return run_dir
+    root = Path(tempfile.mkdtemp(prefix="openfx-fn-"))
+    root.chmod(0o711)
+    return root
+
+
+def base_environment() -> dict[str, str]:
+    """The gateway's environment without what a function must not see (its tokens)."""
+    return {k: v for k, v in os.environ.items() if not (k.startswith("OPENFX_") and "TOKEN" in k)}
