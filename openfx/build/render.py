@@ -12,26 +12,17 @@ import subprocess
 from pathlib import Path
 
 import openfx
+from openfx import runtimes
 from openfx.config import FunctionSpec
 
-ROOT = Path(openfx.__file__).resolve().parent.parent
-DOCKERFILES = ROOT / "dockerfiles"
 # The runtime a watcher process needs inside the image, relative to the openfx package.
 WATCHER_RUNTIME = ("__init__.py", "errors.py", "fn.py", "framing.py", "parent.py", "pb", "watcher")
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".venv", ".pytest_cache", "build")
 
 
-def template_dir(runtime: str) -> Path:
-    folder = DOCKERFILES / runtime
-    if not (folder / "Dockerfile").is_file():
-        known = sorted(p.name for p in DOCKERFILES.iterdir() if (p / "Dockerfile").is_file())
-        raise ValueError(f"no Dockerfile template for runtime {runtime!r}; available: {', '.join(known)}")
-    return folder
-
-
 def render_context(name: str, spec: FunctionSpec, output: Path) -> Path:
     """Write `output/<name>/` afresh: template files, `openfx/` (watcher only), `function/`."""
-    template = template_dir(spec.runtime)
+    template = runtimes.get(spec.runtime).dockerfile_dir
     if not spec.handler_file.is_file():
         raise ValueError(f"{name}: handler file {spec.handler_file} does not exist")
     context = output / name

@@ -103,25 +103,27 @@ def _subgateway(f):  # type: ignore[no-untyped-def]
 @click.pass_context
 def init(ctx: click.Context, name: str, runtime: str, config: str, handler_dir: str) -> None:
     """Create a function folder NAME that runs without edits."""
-    from openfx.cli.templates import RUNTIMES, template_dir
+    from openfx import runtimes
 
     if not NAME_RE.match(name):
-        raise click.ClickException(f"invalid name {name!r}: use lower-case letters, digits and '-'")
-    if runtime not in RUNTIMES:
-        raise click.ClickException(f"unknown runtime {runtime!r}; available: {', '.join(RUNTIMES)}")
+        raise click.ClickException(f"invalid name {name!r}: at most 63 lower-case letters, digits and '-'")
+    try:
+        chosen = runtimes.get(runtime)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     folder = Path(name)
     src = folder / handler_dir
     if src.exists():
         raise click.ClickException(f"{src} already exists")
     src.mkdir(parents=True)
-    template = template_dir(runtime)
+    template = chosen.handler_dir
     shutil.copy(template / "handler.py", src / "handler.py")
     shutil.copy(template / "requirements.txt", folder / "requirements.txt")
     config_path = folder / config
     data = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
     data = data or {}
     data.setdefault("functions", {})[name] = {
-        "runtime": RUNTIMES[runtime],
+        "runtime": chosen.name,
         "desc": "",
         "maintainer": "",
         "handler": {"dir": handler_dir, "file": "handler.py", "name": "Handler"},

@@ -34,11 +34,11 @@ def runtime() -> None:
 
 @runtime.command("list")
 def runtime_list() -> None:
-    """List the runtimes `fn init --runtime` accepts."""
-    from openfx.cli.templates import RUNTIMES
+    """List the runtimes `fn init --runtime` and `fn build` accept."""
+    from openfx.runtimes import RUNTIMES
 
-    for name in RUNTIMES:
-        click.echo(name)
+    for runtime in RUNTIMES.values():
+        click.echo(f"{runtime.name:<10} {runtime.about}")
 
 
 cli.add_command(function)
