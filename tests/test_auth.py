@@ -125,6 +125,11 @@ def test_local_admin_token_manages_an_otherwise_open_gateway() -> None:
 
 def test_open_management_opens_manage_only_without_configured_tokens() -> None:
     assert TokenStore([], open_management=True).open_scopes == {INVOKE, ANY, MANAGE}
+    assert TokenStore([], open_management=True).open_management is True
+    assert TokenStore([]).open_management is False
+    opened = TokenStore.from_environment(None, {}, open_management=True)
+    assert opened.open_management is True and opened.is_open(MANAGE)
+    assert not TokenStore.from_environment(None, {}).is_open(MANAGE)
     assert TokenStore([], open_management=True).check(None, MANAGE) is None
     assert TokenStore([token("a", ADMIN, MANAGE)], open_management=True).open_scopes == frozenset()
 
@@ -136,6 +141,7 @@ def test_tokens_from_file_and_environment(tmp_path: Path) -> None:
         "tokens:\n"
         f"  - {{name: hashed, sha256: {digest}, scopes: [manage]}}\n"
         "  - {token: plain-secret}\n"  # no name, no scopes: token1, invoke only
+        "  - {name: both, token: both-secret, scopes: [invoke, manage]}\n"
     )
     store = TokenStore.from_environment(
         None, {"OPENFX_TOKENS_FILE": str(tokens), "OPENFX_ADMIN_TOKEN": ADMIN, "OPENFX_INVOKE_TOKEN": INVOKER}
@@ -143,6 +149,7 @@ def test_tokens_from_file_and_environment(tmp_path: Path) -> None:
     assert [(t.name, sorted(t.scopes)) for t in store.tokens] == [
         ("hashed", [MANAGE]),
         ("token1", [INVOKE]),
+        ("both", [INVOKE, MANAGE]),
         ("env-admin", [INVOKE, MANAGE]),
         ("env-invoke", [INVOKE]),
     ]
@@ -160,6 +167,13 @@ def test_tokens_from_file_and_environment(tmp_path: Path) -> None:
     empty = TokenStore.from_environment(None, {})
     assert empty.tokens == [] and empty.local_admin is None and empty.accepted == []
     assert [t.name for t in TokenStore.from_environment(None, {"OPENFX_ADMIN_TOKEN": ""}).tokens] == []
+
+
+def test_tokens_from_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENFX_INVOKE_TOKEN", INVOKER)
+    monkeypatch.delenv("OPENFX_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("OPENFX_TOKENS_FILE", raising=False)
+    assert [t.name for t in TokenStore.from_environment().tokens] == ["env-invoke"]
 
 
 def test_tokens_are_kept_only_as_digests(tmp_path: Path) -> None:
@@ -248,11 +262,13 @@ def test_interceptor_checks_gateway_methods_only() -> None:
     store = TokenStore([token("inv", INVOKER, INVOKE)])
     rejected: list[AuthError] = []
     interceptor = auth.AuthInterceptor(store, rejected.append)
-    unary = grpc.unary_unary_rpc_method_handler(lambda r, c: r)
-    stream = grpc.stream_stream_rpc_method_handler(lambda r, c: r)
+    codec = {"request_deserializer": bytes.upper, "response_serializer": bytes.lower}
+    unary = grpc.unary_unary_rpc_method_handler(lambda r, c: r, **codec)
+    stream = grpc.stream_stream_rpc_method_handler(lambda r, c: r, **codec)
 
     async def intercept(method: str, header: str | None, handler: object = unary) -> object:
-        async def continuation(details: object) -> object:
+        async def continuation(details: SimpleNamespace) -> object:
+            assert details.method == method  # the call's own details go on
             return handler
 
         return await interceptor.intercept_service(continuation, _details(method, header))
@@ -261,12 +277,17 @@ def test_interceptor_checks_gateway_methods_only() -> None:
     assert asyncio.run(intercept("/pb.Gateway/Invoke", f"Bearer {INVOKER}")) is unary
     assert asyncio.run(intercept("/grpc.health.v1.Health/Check", None)) is unary  # probes stay open
     assert asyncio.run(intercept("/pb.FxGateway/HealthCheck", None)) is unary
+    assert asyncio.run(intercept("/other.Service/Deploy", None)) is unary  # another service's method
     assert asyncio.run(intercept("/pb.FxGateway/Invoke", None, None)) is None  # unknown method: grpc answers
     assert rejected == []
     refused = asyncio.run(intercept("/pb.FxGateway/Invoke", None))
     assert refused is not unary and refused.unary_unary is not None
+    # the refusal parses and answers like the method it stands for
+    assert refused.request_deserializer is unary.request_deserializer
+    assert refused.response_serializer is unary.response_serializer
     refused_stream = asyncio.run(intercept("/pb.FxGateway/Invokes", "Bearer nope", stream))
     assert refused_stream is not stream and refused_stream.stream_stream is not None
+    assert refused_stream.request_deserializer is stream.request_deserializer
     denied_deploy = asyncio.run(intercept("/pb.FxGateway/Deploy", f"Bearer {INVOKER}"))
     assert denied_deploy is not unary
     assert [(e.code, e.message) for e in rejected] == [
