@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from openfx.config import load_stack
-from openfx.deploy.manifests import function_manifests, platform_manifests
 from openfx.deployment import FunctionDef, to_request
+from openfx.k8s.manifests import function_manifests, platform_manifests
 from openfx.pb import fxgateway_pb2 as gpb
 from tests.conftest import FIXTURES, ROOT, RunningGateway, free_port, start_gateway
 from tests.fake_k8s import FakeKubernetes

@@ -9,9 +9,9 @@ import click
 import yaml
 
 from openfx.config import ConfigError, load_stack
-from openfx.deploy.manifests import FUNCTION_NAMESPACE, GATEWAY_IMAGE, function_manifests, platform_manifests
-from openfx.deploy.observability import grafana_dashboard, prometheus_config
 from openfx.deployment import FunctionDef, to_request
+from openfx.k8s.manifests import FUNCTION_NAMESPACE, GATEWAY_IMAGE, function_manifests, platform_manifests
+from openfx.k8s.observability import grafana_dashboard, prometheus_config
 
 
 class _NoAliases(yaml.SafeDumper):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from openfx.deploy.manifests import GATEWAY_NAMESPACE
+from openfx.k8s.manifests import GATEWAY_NAMESPACE
 
 ERRORS = 'sum by (function_name, code) (rate(gateway_function_invocation_total{code!="200"}[1m]))'
 
