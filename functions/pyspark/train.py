@@ -1,23 +1,23 @@
-"""Train the workshop's neural network on Spark and write what the function loads.
+"""Train the workshop's neural network on Spark and write it as the MLeap bundle the function serves.
 
     .venv/bin/python functions/pyspark/train.py [--master local[*]] [--out functions/pyspark/src]
 
 A Pipeline with one MultilayerPerceptronClassifier (layers 4-5-4-3, maxIter 100, blockSize 128,
-seed 1234) is fit on 60% of Spark's sample_multiclass_classification_data (seed 1234); the
-PipelineModel is saved in Spark's own format (`model/`) and its layers and weights, read back
-from the fitted model, go to `model.json` for the numpy fast path. Prints the test accuracy.
+seed 1234) is fit on 60% of Spark's sample_multiclass_classification_data (seed 1234). The fitted
+PipelineModel is written as an MLeap bundle, `model.zip` (as the seed's `jar:file:/tmp/model.zip`),
+by the mleap package's serializers (mleap-support/mleap_bundle.py); its layers and weights are
+read from the fitted model. Prints the test accuracy Spark's evaluator gives the fitted model.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
+from mleap_bundle import write_bundle  # noqa: E402
 from mlp import LAYERS, SEED, spark_session, split  # noqa: E402
 
 
@@ -34,15 +34,8 @@ def train(out: Path, master: str | None = None) -> float:
         accuracy = MulticlassClassificationEvaluator(metricName="accuracy").evaluate(
             model.transform(test_df).select("prediction", "label")
         )
-        model_dir = out / "model"
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        model.write().save(str(model_dir))
         stage = model.stages[0]
-        (out / "model.json").write_text(
-            json.dumps({"layers": list(stage.getLayers()), "weights": stage.weights.toArray().tolist()})
-            + "\n"
-        )
+        write_bundle(out / "model.zip", list(stage.getLayers()), stage.weights.toArray(), "pyspark")
         return accuracy
     finally:
         spark.stop()

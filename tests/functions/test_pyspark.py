@@ -1,6 +1,8 @@
-"""pyspark (the workshop's neural network): accuracy as Spark computes it, the numpy fast path
-equal to Spark's transform, the committed model reproducible by the training program, a real
-Spark standalone cluster (master + worker on 127.0.0.1), and the gateway paths."""
+"""pyspark (the workshop's neural network): the MLeap bundle written through the mleap package
+(its traps refused), loaded and scored by MLeap's own JVM runtime with the same predictions as the
+numpy fast path and Spark's transform, reproducible by the training program, refused with one
+line when broken; accuracy as the seed computes it, a real Spark standalone cluster (master +
+worker on 127.0.0.1), and the gateway paths."""
 
 from __future__ import annotations
 
@@ -19,13 +21,16 @@ from openfx.errors import InvokeError
 from openfx.watcher.loader import load_handler
 from tests.conftest import ROOT, RunningGateway
 from tests.functions.conftest import Req, call
+from tests.functions.mleap_helpers import assert_same_predictions, bad_bundles, load_error
 from tests.spark_cluster import standalone_cluster
 
 FN = ROOT / "functions/pyspark"
+BROKEN = ["missing", "truncated", "foreign", "other op", "wrong layers", "wrong weights"]
 ACCURACY = "Test set accuracy = 0.9523809523809523"  # Spark 4.1 (the seed's 0.9019... was Spark 2.4.5)
 sys.path.insert(0, str(FN / "src"))
 
-from mlp import MODEL_DIR, Network, spark_session, split  # noqa: E402
+from mleap_bundle import BundleError, MleapRuntime, check_model, read_bundle, spark_model, write_bundle  # noqa: E402
+from mlp import BUNDLE, Network, spark_session, split  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +38,13 @@ def spark() -> Iterator[object]:
     session = spark_session("local[2]", app="tests")
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[MleapRuntime]:
+    """MLeap's JVM runtime; set-up builds it, and its absence fails (never skips) these tests."""
+    with MleapRuntime() as rt:
+        yield rt
 
 
 def spark_predict(spark, model, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -43,19 +55,58 @@ def spark_predict(spark, model, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.array([r.probability.toArray() for r in out]), np.array([r.prediction for r in out])
 
 
-def test_fast_path_equals_spark_transform(spark) -> None:  # type: ignore[no-untyped-def]
-    from pyspark.ml import PipelineModel
-
-    model = PipelineModel.load(str(MODEL_DIR))
+def test_mleap_runtime_equals_numpy_and_spark_transform(spark, runtime: MleapRuntime) -> None:  # type: ignore[no-untyped-def]
+    bundle = read_bundle(BUNDLE)
+    assert bundle.layers == [4, 5, 4, 3] and bundle.weights.shape == (64,)
+    assert runtime.load(BUNDLE) > 0 and runtime.n_features == 4  # MLeap itself loads the committed bundle
     net = Network.load()
+    model = spark_model(spark, bundle)
     _, test = split(spark)
     test_rows = np.array([r.features.toArray() for r in test.select("features").collect()])
+    assert len(test_rows) == 63
     rng = np.random.default_rng(7)
-    for rows in (test_rows, rng.uniform(-1, 1, (2000, 4)), rng.uniform(-3, 3, (2000, 4))):
-        probability, prediction = spark_predict(spark, model, rows)
+    for rows in (test_rows, rng.uniform(-1, 1, (1000, 4)), rng.uniform(-3, 3, (1000, 4))):
+        mleap = runtime.score(rows)
         _, fast_probability, fast_prediction = net.predict(rows)
-        assert np.array_equal(fast_prediction, prediction)
-        assert np.abs(fast_probability - probability).max() < 1e-12
+        assert_same_predictions(mleap, (fast_probability, fast_prediction))
+        assert_same_predictions(mleap, spark_predict(spark, model, rows))
+
+
+def test_export_refuses_the_mleap_package_traps(tmp_path: Path) -> None:
+    """The package drops an int list, writes an int array as a 'double' tensor of ints and writes
+    NaN; MLeap's JVM refuses all three, so the export must fail instead of writing them."""
+    from mleap.bundle.serialize import MLeapSerializer
+
+    class Step:
+        op = "multi_layer_perceptron_classifier"
+
+    weights = read_bundle(BUNDLE).weights
+    raw = MLeapSerializer().get_mleap_model(Step(), [("layers", [4, 5, 4, 3]), ("weights", weights)])
+    assert "layers" not in raw["attributes"]  # the trap is real: the int list vanished
+    with pytest.raises(ValueError, match="silently drops int lists"):
+        check_model(raw)
+    target = tmp_path / "model.zip"
+    with pytest.raises(BundleError, match="not a double"):
+        write_bundle(target, [4, 5, 4, 3], np.arange(64), "ints")
+    nan = weights.copy()
+    nan[3] = np.nan
+    with pytest.raises(BundleError, match="NaN"):
+        write_bundle(target, [4, 5, 4, 3], nan, "nan")
+    with pytest.raises(BundleError, match="64 weights for layers"):
+        write_bundle(target, [4, 5, 3], weights, "sizes")
+    assert not target.exists()
+    written = write_bundle(target, [4, 5, 4, 3], weights, "ok")
+    assert written.layers == [4, 5, 4, 3] and np.array_equal(written.weights, weights)
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "truncated", "foreign", "other op", "wrong layers", "wrong weights"]
+)
+def test_broken_bundle_stops_the_function_with_one_line(case: str, tmp_path: Path) -> None:
+    bad, problem = bad_bundles(BUNDLE, tmp_path / "bad")[case]
+    message = load_error(FN / "src", "model.zip", bad, tmp_path)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("Handler.__init__ failed: BundleError: <bundle>: ") and problem in message
 
 
 def test_handler_accuracy_and_rows(spark) -> None:  # type: ignore[no-untyped-def]
@@ -73,7 +124,9 @@ def test_handler_accuracy_and_rows(spark) -> None:  # type: ignore[no-untyped-de
     rows = [[0.1, 0.2, -0.3, 0.4], [-0.5, 0.5, -0.5, 0.5]]
     fast = json.loads(handler(Req(json.dumps({"rows": rows}).encode())))
     slow = json.loads(handler(Req(json.dumps({"rows": rows, "engine": "spark"}).encode())))
+    jvm = json.loads(handler(Req(json.dumps({"rows": rows, "engine": "mleap"}).encode())))
     assert [p["prediction"] for p in fast["predictions"]] == [p["prediction"] for p in slow["predictions"]]
+    assert [p["prediction"] for p in fast["predictions"]] == [p["prediction"] for p in jvm["predictions"]]
     assert handler(Req(b'{"rows": [[0,0,0,0]], "engine": "seed"}')) == ACCURACY
 
 
@@ -87,7 +140,7 @@ def test_handler_accuracy_and_rows(spark) -> None:  # type: ignore[no-untyped-de
         (b'{"rows": []}', "non-empty list"),
         (b'{"other": 1}', '"features"'),
         (b"[[1e999, 0, 0, 0]]", "finite"),
-        (b'{"features": [1, 2, 3, 4], "engine": "gpu"}', "engine must be"),
+        (b'{"features": [1, 2, 3, 4], "engine": "gpu"}', "engine must be numpy, mleap, spark, seed"),
         (b"\xff", "utf-8"),
     ],
 )
@@ -100,13 +153,9 @@ def fast_handler():  # type: ignore[no-untyped-def]
     """The handler without its Spark start (input validation and the fast path need none)."""
     handler_cls = _handler_class()
     handler = handler_cls.__new__(handler_cls)
-    handler.network, handler.spark, handler.model, handler.accuracy, handler.spark_error = (
-        Network.load(),
-        None,
-        None,
-        None,
-        None,
-    )
+    handler.bundle = read_bundle(BUNDLE)
+    handler.network = Network(handler.bundle.layers, handler.bundle.weights)
+    handler.runtime = handler.spark = handler.model = handler.accuracy = handler.spark_error = None
     return handler
 
 
@@ -127,7 +176,7 @@ def test_spark_not_ready_is_unavailable() -> None:
     assert json.loads(handler(Req(b"[[0, 0, 0, 0]]")))["predictions"]  # rows need no Spark
 
 
-def test_committed_model_is_reproducible(tmp_path: Path) -> None:
+def test_committed_bundle_is_reproducible(tmp_path: Path, runtime: MleapRuntime) -> None:
     out = subprocess.run(
         [sys.executable, str(FN / "train.py"), "--master", "local[2]", "--out", str(tmp_path)],
         capture_output=True,
@@ -136,10 +185,13 @@ def test_committed_model_is_reproducible(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == ACCURACY
-    fresh = json.loads((tmp_path / "model.json").read_text())
-    committed = json.loads((FN / "src/model.json").read_text())
-    assert fresh["layers"] == committed["layers"] == [4, 5, 4, 3]
-    assert np.allclose(fresh["weights"], committed["weights"], rtol=0, atol=1e-9)
+    fresh, committed = read_bundle(tmp_path / "model.zip"), read_bundle(BUNDLE)
+    assert fresh.layers == committed.layers == [4, 5, 4, 3]
+    assert np.abs(fresh.weights - committed.weights).max() <= 1e-12
+    runtime.load(tmp_path / "model.zip")  # MLeap reads the fresh bundle as it reads the committed one
+    rows = np.random.default_rng(3).uniform(-1, 1, (200, 4))
+    _, probability, prediction = Network.load().predict(rows)
+    assert_same_predictions(runtime.score(rows), (probability, prediction))
 
 
 def test_on_a_spark_standalone_cluster(tmp_path: Path) -> None:

@@ -1,14 +1,18 @@
-"""The workshop's neural network as a function, without the per-call waste.
+"""The workshop's neural network as a function, served from its MLeap bundle (src/model.zip).
 
-- Empty input: `Test set accuracy = <value>`, computed like the seed (the saved PipelineModel
-  loaded into Spark, the workshop's split, Spark's evaluator) but once, when Spark is up.
+- At start the bundle is read once (zipfile + json, checked: a missing, truncated or foreign
+  zip, another op or wrong sizes stop the function with one line naming the file and the
+  problem). Rows are answered from it at once by a numpy forward pass.
+- Meanwhile, in the background, MLeap's own JVM runtime (a JVM of its own, only MLeap's jars)
+  loads the same bundle and Spark starts (`SPARK_MASTER`: `local[*]` by default,
+  `spark://host:7077`, `k8s://...`). Then the seed's accuracy is computed once: Spark reads the
+  libsvm data and splits it with seed 1234, MLeap's runtime scores the test rows, and Spark's
+  MulticlassClassificationEvaluator gives `Test set accuracy = <value>` (UNAVAILABLE until then).
 - JSON input: `{"features": [f1, f2, f3, f4]}`, `{"rows": [[...], ...]}` or `[[...], ...]` ->
-  `{"predictions": [{"prediction": k, "probability": [...]}, ...]}` from the numpy forward pass
-  of the model's weights (microseconds; no Spark job), available as soon as the process is.
-- `"engine": "spark"` scores the rows with Spark's `transform` instead; `"engine": "seed"`
-  does what the workshop's handler did on every call (load data and model, transform, evaluate).
-
-SPARK_MASTER picks the cluster (`local[*]` by default, `spark://host:7077`, `k8s://...`).
+  `{"predictions": [{"prediction": k, "probability": [...]}, ...]}`. `"engine"` picks who
+  scores: `numpy` (default), `mleap` (MLeap's JVM runtime), `spark` (Spark's `transform` of an
+  MLlib model holding the bundle's weights), `seed` (what the workshop's handler did per call:
+  read and split the data, load the bundle, score, evaluate; answers the accuracy line).
 """
 
 import json
@@ -17,38 +21,51 @@ import threading
 
 import grpc
 import numpy as np
-from mlp import MODEL_DIR, Network, spark_session, split
+from mleap_bundle import MleapRuntime, read_bundle, spark_model
+from mlp import BUNDLE, Network, spark_session, split
 
 from openfx.errors import InvokeError
 
 log = logging.getLogger("openfx.watcher")
 MAX_ROWS = 100_000
+ENGINES = ("numpy", "mleap", "spark", "seed")
 
 
 class Handler:
     def __init__(self):
-        self.network = Network.load()  # the fast path is ready now
+        self.bundle = read_bundle(BUNDLE)  # BundleError here is the watcher's one-line load error
+        self.network = Network(self.bundle.layers, self.bundle.weights)  # the fast path is ready now
+        self.runtime = None  # MLeap's JVM runtime, kept for the replica's life
         self.spark = None
         self.model = None
         self.accuracy = None
         self.spark_error = None
-        threading.Thread(target=self._start_spark, name="spark-start", daemon=True).start()
+        threading.Thread(target=self._start_engines, name="engines-start", daemon=True).start()
 
-    def _start_spark(self):
+    def _start_engines(self):
         try:
-            from pyspark.ml import PipelineModel
-            from pyspark.ml.evaluation import MulticlassClassificationEvaluator
-
+            runtime = MleapRuntime()
+            runtime.load(self.bundle.path)
+            self.runtime = runtime
             spark = spark_session()
-            model = PipelineModel.load(str(MODEL_DIR))
-            _, test = split(spark)
-            evaluator = MulticlassClassificationEvaluator(metricName="accuracy")
-            self.accuracy = evaluator.evaluate(model.transform(test).select("prediction", "label"))
-            self.spark, self.model = spark, model
+            accuracy = self._evaluate(spark)
+            self.model = spark_model(spark, self.bundle)
+            self.spark, self.accuracy = spark, accuracy  # ready together
             log.info("spark ready (%s); test set accuracy %s", spark.sparkContext.master, self.accuracy)
-        except Exception as exc:  # reported to callers of the Spark paths, never fatal for the rows path
+        except Exception as exc:  # reported to callers of the JVM paths, never fatal for the rows path
             self.spark_error = f"{type(exc).__name__}: {exc}"
-            log.error("spark failed to start: %s", self.spark_error)
+            log.error("spark/MLeap failed to start: %s", self.spark_error)
+
+    def _evaluate(self, spark):
+        """The seed's accuracy: Spark's data and split, MLeap's predictions, Spark's evaluator."""
+        from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+
+        _, test = split(spark)
+        rows = test.select("features", "label").collect()
+        _, prediction = self.runtime.score(np.array([r.features.toArray() for r in rows]))
+        pairs = [(float(p), float(r.label)) for p, r in zip(prediction, rows, strict=True)]
+        scored = spark.createDataFrame(pairs, ["prediction", "label"])
+        return MulticlassClassificationEvaluator(metricName="accuracy").evaluate(scored)
 
     def _require_spark(self):
         if self.spark is None:
@@ -65,15 +82,18 @@ class Handler:
         request = _parse(text)
         rows = _rows(request, self.network.n_features)
         engine = request.get("engine", "numpy") if isinstance(request, dict) else "numpy"
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be {', '.join(ENGINES)}, not {engine!r}")
         if engine == "numpy":
             _, probability, prediction = self.network.predict(rows)
-        elif engine in ("spark", "seed"):
+        else:
             self._require_spark()
             if engine == "seed":
-                return self._seed_design()
-            probability, prediction = self._spark_predict(rows)
-        else:
-            raise ValueError(f"engine must be numpy, spark or seed, not {engine!r}")
+                self.runtime.load(self.bundle.path)  # as the seed deserialized its bundle per call
+                return f"Test set accuracy = {self._evaluate(self.spark)}"
+            probability, prediction = (
+                self.runtime.score(rows) if engine == "mleap" else self._spark_predict(rows)
+            )
         return json.dumps(
             {
                 "predictions": [
@@ -89,18 +109,6 @@ class Handler:
         df = self.spark.createDataFrame([(Vectors.dense(r.tolist()),) for r in rows], ["features"])
         out = self.model.transform(df).select("probability", "prediction").collect()
         return np.array([r.probability.toArray() for r in out]), np.array([r.prediction for r in out])
-
-    def _seed_design(self):
-        """What the workshop's handler did per call: read the data, load the model, evaluate."""
-        from pyspark.ml import PipelineModel
-        from pyspark.ml.evaluation import MulticlassClassificationEvaluator
-
-        _, test = split(self.spark)
-        model = PipelineModel.load(str(MODEL_DIR))
-        evaluator = MulticlassClassificationEvaluator(metricName="accuracy")
-        return "Test set accuracy = " + str(
-            evaluator.evaluate(model.transform(test).select("prediction", "label"))
-        )
 
 
 def _parse(text):

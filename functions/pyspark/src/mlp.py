@@ -1,5 +1,5 @@
 """The neural network's pieces shared by the training program and the function: the Spark
-session, the workshop's data and split, and a numpy forward pass of the trained weights.
+session, the workshop's data and split, and a numpy forward pass of the MLeap bundle's weights.
 
 Spark's MultilayerPerceptron (ml.ann) stacks affine layers with sigmoid activations and a
 softmax on top. Its weight vector holds, layer after layer, a column-major n_out x n_in
@@ -9,16 +9,15 @@ matrix then n_out biases. Scoring one row this way takes microseconds where a Sp
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
+from mleap_bundle import read_bundle
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "sample_multiclass_classification_data.txt"
-MODEL_DIR = HERE / "model"  # the Spark PipelineModel, as Spark saved it
-WEIGHTS = HERE / "model.json"  # {"layers", "weights"} read from that model, for the numpy path
+BUNDLE = HERE / "model.zip"  # the trained PipelineModel as an MLeap bundle: the one model file
 LAYERS = [4, 5, 4, 3]
 SEED = 1234
 
@@ -64,9 +63,10 @@ class Network:
             offset += n_out
 
     @classmethod
-    def load(cls, path: Path = WEIGHTS) -> Network:
-        data = json.loads(path.read_text())
-        return cls(data["layers"], data["weights"])
+    def load(cls, path: Path = BUNDLE) -> Network:
+        """The bundle's MLP (BundleError, one line naming the file, when it cannot be served)."""
+        bundle = read_bundle(path)
+        return cls(bundle.layers, bundle.weights)
 
     @property
     def n_features(self) -> int:

@@ -1,0 +1,1 @@
+../../mleap-support/MleapServer.java
