@@ -13,7 +13,7 @@ from pathlib import Path
 import openfx
 
 HANDLER_TEMPLATES = Path(openfx.__file__).resolve().parent / "templates"
-DOCKERFILES = Path(openfx.__file__).resolve().parent.parent / "dockerfiles"
+DOCKERFILES = Path(openfx.__file__).resolve().parent / "bundled" / "dockerfiles"  # -> dockerfiles/
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,13 @@ class Runtime:
     def dockerfile_dir(self) -> Path:
         folder = DOCKERFILES / self.dockerfile
         if not (folder / "Dockerfile").is_file():
-            raise ValueError(f"no Dockerfile template at {folder} (fn build needs a source checkout)")
+            raise ValueError(f"no Dockerfile template at {folder}")
         return folder
 
 
 RUNTIMES = {
     "python3": Runtime("python3", "python3", "python3", "Python 3.11 (the shared template)"),
-    "pyspark": Runtime(
-        "pyspark", "python3", "pyspark", "Python 3.11 + Java 17, Spark, MLeap's jars"
-    ),
+    "pyspark": Runtime("pyspark", "python3", "pyspark", "Python 3.11 + Java 17, Spark, MLeap's jars"),
 }
 ALIASES = {"python": "python3"}  # the workshop writes `--runtime python`
 

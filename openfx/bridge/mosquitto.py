@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-CONF_TEMPLATE = Path(__file__).resolve().parents[2] / "broker" / "mosquitto.conf"
+CONF_TEMPLATE = Path(__file__).resolve().parents[1] / "bundled" / "mosquitto.conf"  # -> broker/
 
 
 class BrokerError(Exception):

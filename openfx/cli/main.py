@@ -46,3 +46,7 @@ cli.add_command(k8s)
 cli.add_command(up)
 cli.add_command(down)
 cli.add_command(token)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,77 @@
+"""A non-editable install (a wheel, as `pip install openfx-py` would give) carries everything the
+platform reads at run time: the OpenAPI description, the handler and Dockerfile templates, the
+broker's config. Built and installed into a scratch folder, then used with no repository around."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_wheel_carries_package_data_and_fn_build_works_from_it(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = wheels.glob("openfx_py-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in (
+        "openfx/gateway/openapi.yaml",
+        "openfx/templates/python3/handler.py",
+        "openfx/bundled/mosquitto.conf",
+        "openfx/bundled/dockerfiles/python3/Dockerfile",
+        "openfx/bundled/dockerfiles/pyspark/Dockerfile",
+    ):
+        assert needed in names, needed
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    # run from an empty folder with the wheel's copy first on the path: no repository to lean on
+    work = tmp_path / "work"
+    (work / "fn" / "src").mkdir(parents=True)
+    (work / "fn" / "src" / "handler.py").write_text("def Handler(req):\n    return req.input\n")
+    (work / "fn" / "config.yaml").write_text(
+        "functions:\n  fn:\n    runtime: python3\n"
+        "    handler: {dir: ./src, file: handler.py}\n    image: fn\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import openfx, openfx.bridge.mosquitto as m, openfx.runtimes as r;"
+            "print(openfx.__file__); print(m.CONF_TEMPLATE.read_text()[:20]);"
+            "print(r.get('pyspark').dockerfile_dir)",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.splitlines()[0].startswith(str(site))
+    assert str(site) in probe.stdout.splitlines()[-1]
+    build = subprocess.run(
+        [sys.executable, "-m", "openfx.cli.main", "fn", "build", "-f", "fn/config.yaml", "-o", "out"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert build.returncode == 0, build.stderr
+    assert (work / "out" / "fn" / "Dockerfile").is_file()
+    assert (work / "out" / "fn" / "openfx" / "watcher" / "server.py").is_file()
