@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+from pydantic import ValidationError
+
 from openfx.bridge.bridge import Bridge
 from openfx.bridge.config import Route, load_bridge_config
 from openfx.config import ConfigError
@@ -39,8 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.route:
         try:
             routes = [Route(filter=f, function=fn) for f, _, fn in (r.partition("=") for r in args.route)]
-        except ValueError as exc:
-            p.error(str(exc).splitlines()[-1])
+        except ValidationError as exc:
+            p.error(exc.errors()[0]["msg"])  # the reason, not pydantic's "further information" line
     try:
         config = load_bridge_config(
             args.config,

@@ -252,7 +252,10 @@ class Bridge:
 
     def _invoke(self, job: Job) -> None:
         if not job.function or not valid_function_name(job.function):
-            self._finish(job, grpc.StatusCode.NOT_FOUND, f"no function for topic {job.topic!r}".encode())
+            # answered like every refusal: "<CODE>: <message>" (README, MQTT)
+            self._finish(
+                job, grpc.StatusCode.NOT_FOUND, f"NOT_FOUND: no function for topic {job.topic!r}".encode()
+            )
             return
         job.attempts += 1
         metadata = ((TRIGGER_KEY, "mqtt"), (TOPIC_KEY, job.topic))

@@ -115,7 +115,11 @@ def load_bridge_config(path: str | Path | None, **overrides: object) -> BridgeCo
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            mark = getattr(exc, "problem_mark", None)  # one line, as every config error
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"{path}: not valid YAML{where} ({getattr(exc, 'problem', None) or 'parse error'})"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     data.update({k: v for k, v in overrides.items() if v is not None})
