@@ -223,6 +223,7 @@ class Gateway:
                 function_user=s.function_user,
                 timeout_grace=float(os.environ.get("OPENFX_TIMEOUT_GRACE", "2")),
                 on_recycle=self.metrics.replica_recycled,
+                cgroups=os.environ.get("OPENFX_CGROUPS", "auto") != "off",  # off: RSS watchdog, no CPU limits
             )
         except ValueError as exc:  # e.g. --function-user names no user
             raise ConfigError(str(exc)) from None

@@ -1,0 +1,247 @@
+"""The replica side of issue #12 on a real gateway, with real processes and the kernel's cgroups:
+functions run as the function user, limits.memory / limits.cpu are set in the replica's cgroup
+(read back from the cgroup's own files), a replica over its memory limit or holding a call past
+its timeout is recycled, and a replica's children die with it.
+
+Needs root (to switch users and write cgroups) and writable cgroups; skipped otherwise. Every fault
+test also checks that the gateway answers a normal call while and after the fault happens."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import pytest
+import requests
+
+from openfx.gateway.cgroups import Cgroups
+from openfx.pb import fxgateway_pb2 as gpb
+from tests.conftest import FIXTURES, ROOT, RunningGateway, start_gateway
+from tests.shared_tmp import shared_tmp
+
+T = TypeVar("T")
+
+
+def _cgroups_usable() -> bool:
+    found = Cgroups.detect()
+    if found is None:
+        return False
+    found.close()
+    return {"memory", "cpu"} <= set(found.bases)
+
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not _cgroups_usable(), reason="needs root and writable memory/cpu cgroups"
+)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@pytest.fixture(scope="module")
+def iso(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    log_path = tmp_path_factory.mktemp("iso") / "gateway.log"
+    gw = start_gateway(FIXTURES / "isolation.yaml", log_path, env={"OPENFX_TOKEN": "not-for-functions"})
+    try:
+        gw.wait_ready()
+        yield gw
+    finally:
+        gw.stop()
+
+
+def call(gw: RunningGateway, name: str, data: bytes | str, timeout: float = 30) -> bytes:
+    payload = data.encode() if isinstance(data, str) else data
+    return gw.stub().Invoke(gpb.InvokeServiceRequest(Service=name, Input=payload), timeout=timeout).Msg
+
+
+def call_error(gw: RunningGateway, name: str, data: bytes | str, timeout: float = 30) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(gw, name, data, timeout)
+    return caught.value
+
+
+def eventually(probe: Callable[[], T | None], what: str, timeout: float = 30) -> T:
+    """The first truthy value of probe(), polled until `timeout` (a bound, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+        except grpc.RpcError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+def echo_works(gw: RunningGateway) -> None:
+    assert call(gw, "echo", b"still here", timeout=10) == b"still here"
+
+
+def cgroup_dir(pid: int, controller: str) -> Path:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if controller in names.split(","):
+            return CGROUP_ROOT / names / path.lstrip("/")
+    raise AssertionError(f"{pid} has no {controller} cgroup")
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def recycled(gw: RunningGateway, name: str, reason: str) -> float:
+    text = requests.get(f"{gw.http_url}/metrics", timeout=10).text
+    key = f'gateway_replica_recycled_total{{function_name="{name}",reason="{reason}"}} '
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(key)), 0.0)
+
+
+def test_replica_runs_as_the_function_user_with_private_folders(iso: RunningGateway) -> None:
+    info = json.loads(call(iso, "whoami", b""))
+    assert info["uid"] != 0 and info["euid"] != 0 and 0 not in info["groups"]
+    assert info["shadow"] == "denied"
+    assert info["tmp_owner"] == info["uid"] and info["tmp_mode"] == "0o700"
+    assert info["home"] != info["tmp"] and Path(info["home"]).parent == Path(info["tmp"]).parent
+    assert not info["token_seen"]  # the gateway's OPENFX_TOKEN is not handed to functions
+    echo_works(iso)
+
+
+def test_memory_limit_is_in_the_cgroup_and_a_breach_recycles_the_replica(iso: RunningGateway) -> None:
+    pid = int(call(iso, "hog", "pid"))
+    memory = cgroup_dir(pid, "memory")
+    assert (memory / "memory.limit_in_bytes").read_text().strip() == str(128 << 20)
+    meta = iso.stub().GetMeta(gpb.FunctionRequest(FunctionName="hog"), timeout=10)
+    assert meta.Annotations["openfx.limits.memory"] == "128Mi (cgroup v1)"
+    before = recycled(iso, "hog", "memory")
+    with ThreadPoolExecutor(1) as pool:
+        breach = pool.submit(call_error, iso, "hog", "400")
+        echo_works(iso)  # during
+        err = breach.result()
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "memory limit of 128Mi" in err.details()
+    new_pid = eventually(lambda: int(call(iso, "hog", "pid", timeout=5)), "hog back after its OOM kill")
+    assert new_pid != pid and not alive(pid)
+    assert not memory.exists()  # the old run's cgroup was removed
+    assert recycled(iso, "hog", "memory") == before + 1
+    assert call(iso, "hog", "10") == b"held 1 blocks"  # the fresh replica works under its limit
+    echo_works(iso)
+
+
+def test_cpu_limit_is_a_cfs_quota_and_a_busy_handler_is_throttled(iso: RunningGateway) -> None:
+    pid = int(call(iso, "spin", "pid"))
+    cpu = cgroup_dir(pid, "cpu")
+    assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "10000"
+    assert (cpu / "cpu.cfs_period_us").read_text().strip() == "100000"
+    call(iso, "spin", "0.5")
+    stat = dict(line.split() for line in (cpu / "cpu.stat").read_text().splitlines())
+    assert int(stat["nr_throttled"]) > 0
+    meta = iso.stub().GetMeta(gpb.FunctionRequest(FunctionName="spin"), timeout=10)
+    assert meta.Annotations["openfx.limits.cpu"] == "100m (cgroup v1 cpu quota)"
+    echo_works(iso)
+
+
+def test_fn_info_shows_limits_and_how_they_are_enforced(iso: RunningGateway) -> None:
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "openfx-cli"), "fn", "info", "hog", "-g", iso.grpc_address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **iso.admin_env},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "limits:\n  memory: 128Mi (cgroup v1)\n" in out.stdout
+
+
+def test_a_call_past_its_timeout_recycles_the_replica_and_others_on_it_get_unavailable(
+    iso: RunningGateway,
+) -> None:
+    pid = int(call(iso, "hold", "pid"))
+    before = recycled(iso, "hold", "timeout")
+    with shared_tmp() as folder, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(call_error, iso, "hold", f"hold {folder}/a")
+        assert first.result().code() == grpc.StatusCode.DEADLINE_EXCEEDED  # after its 3 s timeout
+        # a second call on the same replica, sent after the first timed out: the first one's
+        # timeout + 2 s grace passes while this one is still within its own timeout
+        second = pool.submit(call_error, iso, "hold", f"hold {folder}/b")
+        eventually(lambda: (folder / "b.started").exists(), "second call in the handler")
+        echo_works(iso)  # during
+        err = second.result()
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "timeout of 3s" in err.details()
+    new_pid = eventually(lambda: int(call(iso, "hold", "pid", timeout=5)), "hold back after recycling")
+    assert new_pid != pid and not alive(pid)  # the stuck handler's work ended with its process
+    assert recycled(iso, "hold", "timeout") == before + 1
+    echo_works(iso)
+
+
+def test_all_workers_held_past_the_timeout_is_never_ready(iso: RunningGateway) -> None:
+    """wedge has 2 workers and a 1 s timeout: both held past it, the replica is recycled at once."""
+    pid = int(call(iso, "wedge", "pid"))
+    with shared_tmp() as folder, ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(call_error, iso, "wedge", f"hold {folder}/{i}") for i in range(2)]
+        assert [f.result().code() for f in held] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+    message = "wedge[0] was recycled: a call ran past wedge's timeout of 1s in all 2 workers"
+    eventually(lambda: message in iso.log(), "wedge recycled")
+    new_pid = eventually(lambda: int(call(iso, "wedge", "pid", timeout=5)), "wedge back")
+    assert new_pid != pid
+    echo_works(iso)
+
+
+def test_children_die_with_the_replica_on_scale_down_even_after_setsid(iso: RunningGateway) -> None:
+    grouped, escaped = map(int, call(iso, "spawner", b"go").split())
+    pid = int(call(iso, "spawner", "pid"))
+    memory = cgroup_dir(pid, "memory")
+    assert alive(grouped) and alive(escaped) and os.getpgid(escaped) != pid
+    iso.stub().ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="spawner", Replicas=0), timeout=60)
+    eventually(lambda: not alive(grouped) and not alive(escaped) and not alive(pid), "children gone")
+    assert not memory.exists()
+    echo_works(iso)
+    iso.stub().ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="spawner", Replicas=1), timeout=60)
+    iso.wait_ready(names={"spawner"})
+
+
+def test_children_die_with_the_replica_on_delete_and_gateway_exit(tmp_path: Path) -> None:
+    gw = start_gateway(FIXTURES / "isolation.yaml", tmp_path / "gateway.log")
+    try:
+        gw.wait_ready()
+        first = [int(p) for p in call(gw, "spawner", b"go").split()]
+        gw.stub().Delete(gpb.DeleteFunctionRequest(FunctionName="spawner"), timeout=60)
+        eventually(lambda: not any(map(alive, first)), "children gone after delete")
+        echo_works(gw)
+        pid = json.loads(call(gw, "whoami", b""))["pid"]
+        assert gw.stop() == 0
+        eventually(lambda: not alive(pid), "replicas gone after the gateway stopped")
+    finally:
+        gw.stop()
+
+
+def test_gateway_killed_the_watcher_takes_its_process_group_down(tmp_path: Path) -> None:
+    """SIGKILL leaves the gateway no chance to clean up: PDEATHSIG gives each watcher SIGTERM and the
+    watcher ends its own process group on the way out. (A child that called setsid left the group;
+    only the gateway could kill it through the cgroup: the next gateway in the same cgroup does.)"""
+    gw = start_gateway(FIXTURES / "isolation.yaml", tmp_path / "gateway.log")
+    escaped = 0
+    try:
+        gw.wait_ready()
+        grouped, escaped = map(int, call(gw, "spawner", b"go").split())
+        watcher = int(call(gw, "spawner", "pid"))
+        gw.process.send_signal(signal.SIGKILL)
+        gw.process.wait()
+        eventually(lambda: not alive(grouped) and not alive(watcher), "group gone after SIGKILL")
+    finally:
+        gw.stop()
+        if escaped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(escaped, signal.SIGKILL)
