@@ -1,0 +1,263 @@
+"""Limits and guards that need no root: quantities and the enforcement decision, the cgroup v2
+layout (against a folder laid out like cgroupfs), the framed client's result limit, log capture,
+and, on a real gateway with cgroups off, the RSS watchdog, long output lines and oversized results."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+
+from openfx import framing
+from openfx.errors import InvokeError
+from openfx.gateway.cgroups import Cgroups
+from openfx.gateway.framed_client import FramedClient
+from openfx.gateway.limits import decide, parse_cpu, parse_memory
+from openfx.gateway.logs import LineCutter, RecentOutput
+from openfx.pb import fxgateway_pb2 as gpb
+from tests.conftest import FIXTURES, MiB, RunningGateway, start_gateway
+
+# -- quantities and the decision -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("256Mi", 256 << 20), ("1Gi", 1 << 30), ("500M", 500_000_000), ("1.5Gi", 3 << 29), ("64e6", 64_000_000)],
+)
+def test_memory_quantities(text: str, size: int) -> None:
+    assert parse_memory(text) == size
+
+
+@pytest.mark.parametrize(("text", "cores"), [("500m", 0.5), ("0.5", 0.5), ("2", 2.0), ("100m", 0.1)])
+def test_cpu_quantities(text: str, cores: float) -> None:
+    assert parse_cpu(text) == pytest.approx(cores)
+
+
+@pytest.mark.parametrize("limits", [{"memory": "256"}, {"memory": "lots"}, {"cpu": "1Q"}, {"cpu": "0"}])
+def test_bad_limits_are_invalid_argument(limits: dict[str, str]) -> None:
+    with pytest.raises(InvokeError) as caught:
+        decide("f", limits, {"memory": "cgroup v1", "cpu": "cgroup v1"})
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "f: limits:" in caught.value.message
+
+
+def test_cpu_limit_without_a_cgroup_is_refused_and_memory_falls_back_to_the_watchdog() -> None:
+    with pytest.raises(InvokeError) as caught:
+        decide("f", {"cpu": "500m"}, {})
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "limits.cpu 500m cannot be enforced here" in caught.value.message
+    assert decide("f", {"memory": "256Mi"}, {}).describe() == {"openfx.limits.memory": "256Mi (RSS watchdog)"}
+    both = decide("f", {"memory": "1Gi", "cpu": "2"}, {"memory": "cgroup v2", "cpu": "cgroup v2"})
+    assert both.describe() == {
+        "openfx.limits.memory": "1Gi (cgroup v2)",
+        "openfx.limits.cpu": "2 (cgroup v2 cpu quota)",
+    }
+
+
+# -- cgroup v2 layout ------------------------------------------------------------------------
+
+
+def test_cgroup_v2_layout_against_a_fake_cgroupfs(tmp_path: Path) -> None:
+    """This machine mounts cgroup v1, so v2 is checked against a temporary folder laid out like a
+    unified cgroupfs (regular files stand in for the kernel's): the gateway's own cgroup delegates
+    memory and cpu through cgroup.subtree_control, its folder nests replica cgroups whose
+    memory.max / memory.swap.max / cpu.max are written, and a kill writes cgroup.kill. What a
+    real kernel adds (EBUSY for the no-internal-processes rule, rmdir of populated cgroups) is not
+    exercised here."""
+    own = tmp_path / "system.slice" / "openfx.service"
+    own.mkdir(parents=True)
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (own / "cgroup.controllers").write_text("cpu memory pids\n")
+    (own / "cgroup.subtree_control").write_text("")
+    (own / "cgroup.procs").write_text("4242\n")
+    stale = own / "openfx-999999999-abc123"  # a gateway that died: its folder is cleared
+    (stale / "f-0-1").mkdir(parents=True)
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text("0::/system.slice/openfx.service\n")
+
+    found = Cgroups.detect(root=tmp_path, self_cgroup=self_cgroup, pid=4242)
+    assert found is not None and found.version == 2
+    assert found.controllers == {"memory": "cgroup v2", "cpu": "cgroup v2"}
+    assert (own / "cgroup.subtree_control").read_text() == "+memory +cpu"
+    base = found.bases["memory"]
+    assert base.parent == own and base.name.startswith("openfx-4242-")
+    assert (base / "cgroup.subtree_control").read_text() == "+memory +cpu"
+    assert not (stale / "f-0-1").exists()
+
+    replica = found.create("echo-0-1")
+    assert replica.folders == [base / "echo-0-1"]
+    (base / "echo-0-1" / "memory.swap.max").write_text("max\n")  # present on a kernel with swap
+    replica.set_memory(256 << 20)
+    replica.set_cpu(0.5)
+    assert (base / "echo-0-1" / "memory.max").read_text() == str(256 << 20)
+    assert (base / "echo-0-1" / "memory.swap.max").read_text() == "0"
+    assert (base / "echo-0-1" / "cpu.max").read_text() == "50000 100000"
+    (base / "echo-0-1" / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert replica.oom_kills() == 1
+    (base / "echo-0-1" / "cgroup.kill").write_text("")
+    replica.kill()
+    assert (base / "echo-0-1" / "cgroup.kill").read_text() == "1"
+
+
+# -- the framed client's result limit ----------------------------------------------------------
+
+
+def test_framed_client_drops_a_reply_over_the_limit_and_keeps_the_connection(tmp_path: Path) -> None:
+    path = str(tmp_path / "w.sock")
+    limit = 1 * MiB
+
+    async def watcher(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                length, request_id, _ = framing.HEADER.unpack(await reader.readexactly(framing.HEADER.size))
+            except asyncio.IncompleteReadError:
+                return
+            payload = await reader.readexactly(length)
+            size = int(payload)
+            writer.write(framing.frame(request_id, 0, b"z" * size))
+            await writer.drain()
+
+    async def run() -> tuple[InvokeError, bytes]:
+        server = await asyncio.start_unix_server(watcher, path=path)
+        client = FramedClient(path, "f[0]", limit)
+        await client.connect()
+        with pytest.raises(InvokeError) as caught:
+            await client.call(str(limit + 64 * 1024).encode(), 10)
+        after = await client.call(b"5", 10)
+        await client.close()
+        server.close()
+        return caught.value, after.Output
+
+    error, after = asyncio.run(run())
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.message == f"result of {limit + 64 * 1024} bytes is over the message limit of {limit}"
+    assert after == b"zzzzz"
+
+
+# -- log capture -------------------------------------------------------------------------------
+
+
+def test_line_cutter_keeps_long_lines_cut_with_a_marker() -> None:
+    cutter = LineCutter(max_line=10)
+    lines = list(cutter.feed(b"short\n" + b"x" * 25))
+    lines += list(cutter.feed(b"yy\nlast"))
+    lines += list(cutter.flush())
+    assert lines == ["short", "xxxxxxxxxx…[cut 17 bytes]", "last"]
+
+
+def test_recent_output_is_bounded_in_bytes_and_lines() -> None:
+    out = RecentOutput(lines=100, size=1000)
+    for i in range(50):
+        out.append(f"{i:03d}" + "a" * 96)  # 100 bytes with the newline
+    assert len(out) == 10 and out.text().startswith("040")
+    assert len(out.text().encode()) <= 1000
+
+
+# -- a real gateway without cgroups ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    log_path = tmp_path_factory.mktemp("plain") / "gateway.log"
+    gw = start_gateway(
+        FIXTURES / "isolation-plain.yaml",
+        log_path,
+        "--max-message-bytes",
+        str(8 * MiB),
+        env={"OPENFX_CGROUPS": "off"},
+    )
+    try:
+        gw.wait_ready()
+        yield gw
+    finally:
+        gw.stop()
+
+
+def call(gw: RunningGateway, name: str, data: bytes | str, timeout: float = 30) -> bytes:
+    payload = data.encode() if isinstance(data, str) else data
+    return gw.stub().Invoke(gpb.InvokeServiceRequest(Service=name, Input=payload), timeout=timeout).Msg
+
+
+def echo_works(gw: RunningGateway) -> None:
+    assert call(gw, "echo", b"still here", timeout=10) == b"still here"
+
+
+def eventually(probe, what: str, timeout: float = 30):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+        except grpc.RpcError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_rss_watchdog_recycles_a_replica_over_its_memory_limit(plain: RunningGateway) -> None:
+    meta = plain.stub().GetMeta(gpb.FunctionRequest(FunctionName="hog"), timeout=10)
+    assert meta.Annotations["openfx.limits.memory"] == "128Mi (RSS watchdog)"
+    pid = int(call(plain, "hog", "pid"))
+    with ThreadPoolExecutor(1) as pool:
+        # held: each call keeps its block, so the replica's RSS only grows until the watchdog acts
+        breach = pool.submit(lambda: [call(plain, "hog", "60") for _ in range(20)])
+        echo_works(plain)  # during
+        with pytest.raises(grpc.RpcError) as caught:
+            breach.result()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "memory limit of 128Mi (limits.memory, RSS watchdog)" in caught.value.details()
+    new_pid = eventually(lambda: int(call(plain, "hog", "pid", timeout=5)), "hog back")
+    assert new_pid != pid
+    metrics = requests.get(f"{plain.http_url}/metrics", timeout=10).text
+    assert 'gateway_replica_recycled_total{function_name="hog",reason="memory"} 1.0' in metrics
+    echo_works(plain)
+
+
+def test_a_200000_byte_line_is_captured_cut_and_capture_goes_on(plain: RunningGateway) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: call(plain, "chatty", "long 200000", timeout=20), range(12)))
+    assert results == [b"printed"] * 12  # none blocked on a full pipe
+    log = plain.stub().GetLog(gpb.FunctionRequest(FunctionName="chatty"), timeout=10).Msg.decode()
+    assert f"chatty[0]: {'x' * 4096}…[cut {200000 - 4096} bytes]" in log
+    assert log.count("chatty[0]: after the long line") == 12
+    assert "after the long line" in plain.log()  # function output reaches the gateway's log
+    echo_works(plain)
+
+
+def test_fn_log_stays_bounded_in_bytes(plain: RunningGateway) -> None:
+    assert call(plain, "chatty", "lines 30000", timeout=60) == b"printed"  # 3 MB of output
+    log = plain.stub().GetLog(gpb.FunctionRequest(FunctionName="chatty"), timeout=10).Msg
+    assert len(log) <= 1 << 20
+
+
+def test_a_result_over_the_message_limit_is_refused_on_http_and_grpc(plain: RunningGateway) -> None:
+    size = 9 * MiB
+    r = requests.post(f"{plain.http_url}/function/bigresult", data=str(size), timeout=30)
+    assert r.status_code == 429
+    assert f"result of {size} bytes is over the message limit of {8 * MiB}" in r.text
+    with pytest.raises(grpc.RpcError) as caught:
+        call(plain, "bigresult", str(size))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert requests.post(f"{plain.http_url}/function/bigresult", data="3", timeout=10).content == b"rrr"
+    echo_works(plain)
+
+
+def test_a_cpu_limit_is_refused_at_deploy_without_cgroups(plain: RunningGateway) -> None:
+    request = gpb.CreateFunctionRequest(
+        Service="cpubound",
+        Image="cpubound",
+        Annotations={"openfx.source": str(FIXTURES / "functions" / "spin" / "src")},
+        Limits=gpb.FunctionResources(CPU="500m"),
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        plain.stub().Deploy(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "limits.cpu 500m cannot be enforced here" in caught.value.details()
+    assert "cpubound" not in {f.Name for f in plain.stub().List(gpb.Empty(), timeout=10).Functions}
+    echo_works(plain)
