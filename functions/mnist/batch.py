@@ -4,7 +4,7 @@
 
 Every CSV file in --images holds rows in the seeds' csv2 layout: `label,p0,...` with --pixels
 values per row (64: UCI 8x8 pixels 0..16, the default; 784: MNIST's 28x28, 0..255). Spark reads
-them with its file-stream source; each micro-batch is scored by the model in src/model.json on
+them with its file-stream source; each micro-batch is scored by the model in src/models/ (MLeap bundles) on
 the executors and written to `<output>/batch-<n>/` as CSV `label,prediction,probability`.
 Without --watch the files present now are processed and the job ends (a summary with the
 accuracy is printed); with --watch it keeps scoring files as they are copied in, until Ctrl-C.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "src"))
-from digits import MAX_PIXEL, MODEL, N_PIXELS, load_model  # noqa: E402
+from digits import MAX_PIXEL, MODELS, N_PIXELS, load_model  # noqa: E402
 from train import spark_session  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="folder of csv2 files")
     parser.add_argument("--output", required=True, help="predictions go to <output>/batch-<n>/")
-    parser.add_argument("--model", default=str(MODEL), help="model.json written by train.py")
+    parser.add_argument("--model", default=str(MODELS), help="the bundles folder train.py wrote")
     parser.add_argument("--model-name", default="", help="averaged or mllib (default: the file's choice)")
     parser.add_argument("--master", default=os.environ.get("SPARK_MASTER", "local[*]"))
     parser.add_argument("--pixels", type=int, default=N_PIXELS, help="per row: 64 (8x8) or 784 (28x28)")

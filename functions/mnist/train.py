@@ -7,7 +7,8 @@ trains its own network (same starting weights, mini-batch SGD) on its rows only.
 the driver averages the N models' weights, weighted by their row counts. For comparison, Spark
 MLlib's MultilayerPerceptronClassifier is trained on all rows. Every model is scored on the same
 held-out rows and the accuracies are printed side by side; the averaged and MLlib models are
-written to src/model.json, which the `mnist` function serves.
+written as MLeap bundles (src/models/averaged.zip, mllib.zip, by the mleap package's serializers)
+with src/models/index.json saying which one the `mnist` function serves.
 
 Data: scikit-learn's copy of the UCI handwritten digits (1,797 8x8 images from 43 writers),
 installed with the package, so nothing is downloaded.
@@ -105,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20, help="epochs each trainer runs over its rows")
     parser.add_argument("--hidden", type=int, default=32, help="hidden layer size")
     parser.add_argument("--mllib-iter", type=int, default=200, help="MLlib's maxIter")
-    parser.add_argument("--output", default=str(HERE / "src" / "model.json"), help="'' to not write")
+    parser.add_argument(
+        "--output", default=str(HERE / "src" / "models"), help="bundles folder; '' to not write"
+    )
     parser.add_argument("--spark-model", default="", help="also save MLlib's model (Spark format) here")
     parser.add_argument("--report", default="", help="write accuracies and timings as JSON here")
     args = parser.parse_args(argv)
@@ -164,16 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.output:
-        meta = {"layers": layers, "partitions": len(models), "epochs": args.epochs}
+        meta = {"partitions": len(models), "epochs": args.epochs}
         save_models(
             Path(args.output),
             {
-                "averaged": {**meta, "accuracy": rows[-2][2], "weights": averaged.flat().round(8).tolist()},
-                "mllib": {**meta, "accuracy": rows[-1][2], "weights": mllib_weights.round(8).tolist()},
+                "averaged": (layers, averaged.flat(), {**meta, "accuracy": rows[-2][2]}),
+                "mllib": (layers, mllib_weights, {**meta, "accuracy": rows[-1][2]}),
             },
             serve="averaged",
         )
-        print(f"models written to {args.output} (serving: averaged)")
+        print(f"models written to {os.path.relpath(args.output)} (serving: averaged)")
     if args.report:
         report = {
             "master": args.master,

@@ -14,6 +14,8 @@ import numpy as np
 
 from tests.conftest import ROOT
 
+BROKEN = ["missing", "truncated", "foreign", "other op", "wrong layers", "wrong weights"]
+
 
 def assert_same_predictions(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> None:
     """(probability, prediction) pairs: equal classes, probabilities within 1e-9."""

@@ -1,4 +1,6 @@
-"""mnist (handwritten digits): the served model's accuracy, every input form agreeing with the
+"""mnist (handwritten digits): the served models' MLeap bundles scored alike by MLeap's own JVM
+runtime, numpy and Spark, reproduced by the training program, refused with one line when broken;
+the served model's accuracy, every input form agreeing with the
 pixels it encodes, bad input, the training program on local Spark and on a real standalone
 cluster (master + two workers on 127.0.0.1), Spark batch scoring of csv2 folders, and the
 gateway paths (gRPC, Invokes stream, HTTP trigger with its page, openfx-cli)."""
@@ -22,13 +24,15 @@ from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.watcher.loader import load_handler
 from tests.conftest import ROOT, RunningGateway
 from tests.functions.conftest import Req, call
+from tests.functions.mleap_helpers import BROKEN, assert_same_predictions, bad_bundles, load_error
 from tests.spark_cluster import standalone_cluster
 
 FN = ROOT / "functions/mnist"
 sys.path.insert(0, str(FN))
 sys.path.insert(0, str(FN / "src"))
 
-from digits import MAX_PIXEL, image_pixels, load_model  # noqa: E402
+from digits import MAX_PIXEL, MODELS, image_pixels, load_model  # noqa: E402
+from mleap_bundle import MleapRuntime, read_bundle, spark_model  # noqa: E402
 from train import load_data  # noqa: E402
 
 X_TRAIN, Y_TRAIN, X_TEST, Y_TEST = load_data()
@@ -66,7 +70,36 @@ def test_served_models_score_the_held_out_digits() -> None:
         _, net, meta = load_model(name=name)
         accuracy = net.accuracy(X_TEST / MAX_PIXEL, Y_TEST)
         assert accuracy > 0.93, name
-        assert abs(accuracy - meta["accuracy"]) <= 1 / len(Y_TEST), name  # stored weights are rounded
+        assert accuracy == meta["accuracy"], name  # the bundle holds the trained weights exactly
+
+
+def test_mleap_runtime_equals_numpy_and_spark_on_the_held_out_digits() -> None:
+    from train import spark_session
+
+    from tests.functions.test_pyspark import spark_predict
+
+    rows = X_TEST / MAX_PIXEL
+    spark = spark_session("local[2]")
+    try:
+        with MleapRuntime() as runtime:
+            for name in ("averaged", "mllib"):
+                bundle = read_bundle(MODELS / f"{name}.zip")
+                assert runtime.load(bundle.path) > 0 and runtime.n_features == 64  # MLeap loads it
+                mleap = runtime.score(rows)
+                net = load_model(name=name)[1]
+                assert_same_predictions(mleap, (net.probabilities(rows), net.predict(rows)))
+                assert_same_predictions(mleap, spark_predict(spark, spark_model(spark, bundle), rows))
+                assert np.mean(mleap[1] == Y_TEST) > 0.93
+    finally:
+        spark.stop()
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_bundle_stops_the_function_with_one_line(case: str, tmp_path: Path) -> None:
+    bad, problem = bad_bundles(MODELS / "averaged.zip", tmp_path / "bad")[case]
+    message = load_error(FN / "src", "models/averaged.zip", bad, tmp_path)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("Handler.__init__ failed: BundleError: <bundle>: ") and problem in message
 
 
 def test_json_csv_and_images_agree_with_the_pixels(handler) -> None:  # type: ignore[no-untyped-def]
@@ -163,36 +196,23 @@ def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 300
     return out.stdout
 
 
-def test_training_program_on_local_spark(tmp_path: Path) -> None:
-    model, report = tmp_path / "model.json", tmp_path / "report.json"
+def test_training_program_reproduces_the_committed_bundles(tmp_path: Path) -> None:
+    models, report = tmp_path / "models", tmp_path / "report.json"
     stdout = run(
-        [
-            str(FN / "train.py"),
-            "--master",
-            "local[2]",
-            "--partitions",
-            "2",
-            "--epochs",
-            "10",
-            "--mllib-iter",
-            "100",
-            "--output",
-            str(model),
-            "--report",
-            str(report),
-        ]
+        [str(FN / "train.py"), "--master", "local[2]", "--output", str(models), "--report", str(report)]
     )
-    for row in ("partition 0", "partition 1", "averaged (2 models)", "MLlib MLP (all rows)"):
+    for row in ("partition 3", "averaged (4 models)", "MLlib MLP (all rows)"):
         assert row in stdout
     result = json.loads(report.read_text())
-    assert sorted(p["rows"] for p in result["partitions"]) == [718, 719]
+    assert sorted(p["rows"] for p in result["partitions"]) == [359, 359, 359, 360]
     assert result["averaged_accuracy"] > 0.9 and result["mllib_accuracy"] > 0.9
     # the numpy forward pass scores MLlib's weights exactly as Spark's own transform did
     assert result["mllib_accuracy"] == pytest.approx(result["mllib_spark_accuracy"], abs=1e-12)
-    name, net, meta = load_model(model, "averaged")
-    assert meta["partitions"] == 2 and net.accuracy(X_TEST / MAX_PIXEL, Y_TEST) == pytest.approx(
-        result["averaged_accuracy"], abs=1 / len(Y_TEST)
-    )
+    assert json.loads((models / "index.json").read_text()) == json.loads((MODELS / "index.json").read_text())
+    for name in ("averaged", "mllib"):
+        fresh, committed = read_bundle(models / f"{name}.zip"), read_bundle(MODELS / f"{name}.zip")
+        assert fresh.layers == committed.layers == [64, 32, 10]
+        assert np.abs(fresh.weights - committed.weights).max() <= 1e-12, name
 
 
 def test_training_on_a_standalone_cluster_with_two_workers(tmp_path: Path) -> None:

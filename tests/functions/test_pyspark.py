@@ -21,11 +21,10 @@ from openfx.errors import InvokeError
 from openfx.watcher.loader import load_handler
 from tests.conftest import ROOT, RunningGateway
 from tests.functions.conftest import Req, call
-from tests.functions.mleap_helpers import assert_same_predictions, bad_bundles, load_error
+from tests.functions.mleap_helpers import BROKEN, assert_same_predictions, bad_bundles, load_error
 from tests.spark_cluster import standalone_cluster
 
 FN = ROOT / "functions/pyspark"
-BROKEN = ["missing", "truncated", "foreign", "other op", "wrong layers", "wrong weights"]
 ACCURACY = "Test set accuracy = 0.9523809523809523"  # Spark 4.1 (the seed's 0.9019... was Spark 2.4.5)
 sys.path.insert(0, str(FN / "src"))
 
@@ -99,9 +98,7 @@ def test_export_refuses_the_mleap_package_traps(tmp_path: Path) -> None:
     assert written.layers == [4, 5, 4, 3] and np.array_equal(written.weights, weights)
 
 
-@pytest.mark.parametrize(
-    "case", ["missing", "truncated", "foreign", "other op", "wrong layers", "wrong weights"]
-)
+@pytest.mark.parametrize("case", BROKEN)
 def test_broken_bundle_stops_the_function_with_one_line(case: str, tmp_path: Path) -> None:
     bad, problem = bad_bundles(BUNDLE, tmp_path / "bad")[case]
     message = load_error(FN / "src", "model.zip", bad, tmp_path)

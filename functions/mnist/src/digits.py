@@ -22,7 +22,7 @@ SIDE = 8
 N_PIXELS = SIDE * SIDE
 N_CLASSES = 10
 MAX_PIXEL = 16.0
-MODEL = Path(__file__).resolve().parent / "model.json"
+MODELS = Path(__file__).resolve().parent / "models"  # <name>.zip MLeap bundles + index.json
 MAX_IMAGE_PIXELS = int(os.environ.get("MNIST_MAX_PIXELS", str(40_000_000)))
 # imdecode refuses images over this many pixels (decompression bombs); read when cv2 is imported
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
@@ -139,18 +139,39 @@ def train_partition(
 # ---- the served model file -------------------------------------------------------------------
 
 
-def save_models(path: Path, models: dict[str, dict[str, object]], serve: str) -> None:
-    path.write_text(json.dumps({"serve": serve, "models": models}, indent=1) + "\n")
+def save_models(
+    folder: Path, models: dict[str, tuple[list[int], np.ndarray, dict[str, object]]], serve: str
+) -> None:
+    """Each model as an MLeap bundle `<name>.zip` (the weights live there only), and `index.json`:
+    which one to serve and what training said about each (accuracy, rows, partitions)."""
+    from mleap_bundle import write_bundle  # here, not at the top: Spark executors import this module
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index: dict[str, object] = {"serve": serve, "models": {}}
+    for name, (layers, weights, meta) in models.items():
+        write_bundle(folder / f"{name}.zip", layers, weights, f"mnist_{name}")
+        index["models"][name] = {"bundle": f"{name}.zip", **meta}  # type: ignore[index]
+    (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
-def load_model(path: Path = MODEL, name: str = "") -> tuple[str, Network, dict[str, object]]:
-    """(name, network, metadata) of the model to serve: `name`, else the file's `serve` choice."""
-    data = json.loads(path.read_text())
-    name = name or data["serve"]
-    if name not in data["models"]:
-        raise ValueError(f"{path} has no model {name!r}; it has {', '.join(data['models'])}")
-    spec = data["models"][name]
-    return name, Network(spec["layers"], spec["weights"]), spec
+def load_model(folder: Path = MODELS, name: str = "") -> tuple[str, Network, dict[str, object]]:
+    """(name, network, metadata) of the model to serve: `name`, else the index's `serve` choice.
+    A broken bundle raises BundleError, one line naming the file and the problem."""
+    from mleap_bundle import read_bundle
+
+    index = json.loads((folder / "index.json").read_text())
+    name = name or index["serve"]
+    if name not in index["models"]:
+        raise ValueError(
+            f"{folder / 'index.json'} has no model {name!r}; it has {', '.join(index['models'])}"
+        )
+    meta = index["models"][name]
+    bundle = read_bundle(folder / meta["bundle"])
+    if bundle.layers[0] != N_PIXELS or bundle.layers[-1] != N_CLASSES:
+        raise ValueError(
+            f"{bundle.path}: layers {bundle.layers} do not map {N_PIXELS} pixels to {N_CLASSES} digits"
+        )
+    return name, Network(bundle.layers, bundle.weights), meta
 
 
 # ---- images -> pixels ------------------------------------------------------------------------

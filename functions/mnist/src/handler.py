@@ -10,8 +10,10 @@ Input (one request):
 Output: JSON `{"digit": d, "probabilities": [p0..p9]}` (a list for batches; csv2 input gets CSV
 lines `label,prediction,probability`).
 
-MNIST_MODEL chooses the model in model.json (`averaged`: the per-partition models averaged, or
-`mllib`: Spark MLlib's MultilayerPerceptron on all data); default: the file's `serve` entry.
+MNIST_MODEL chooses the model in src/models/ (`averaged`: the per-partition models averaged, or
+`mllib`: Spark MLlib's MultilayerPerceptron on all data); default: index.json's `serve` entry.
+The model is its MLeap bundle (`<name>.zip`), read once at start; a missing or broken bundle stops
+the function with one line naming the file and the problem.
 MNIST_MAX_PIXELS (40 MP) bounds a decoded upload (decompression bombs are refused).
 """
 

@@ -1,0 +1,1 @@
+../../../mleap-support/mleap_bundle.py
