@@ -1,26 +1,32 @@
-"""The neural network through the gateway: one row via the numpy fast path, via Spark's transform,
-and the seed's design (data + model loaded per call), side by side; plus the function's cold start
-(process start to ready, and to Spark ready).
+"""The neural network through the gateway, all in one run: one row scored by the numpy fast path,
+by MLeap's JVM runtime (warm, the function's own helper JVM), by Spark's transform and by the
+seed's design (data split + bundle load + evaluation per call); the MLeap bundle's load time in
+Python (zipfile + json + checks) and in MLeap's JVM; and the function's cold start.
 
-    .venv/bin/python bench/pyspark.py [--calls 300]
+    .venv/bin/python bench/pyspark.py [--calls 300] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Platform, percentiles  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "functions" / "pyspark" / "src"))
+from common import Platform, parse_args, percentiles  # noqa: E402
+from mleap_bundle import MleapRuntime, read_bundle  # noqa: E402
+from mlp import BUNDLE, Network  # noqa: E402
 
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
 
-ROW = b"[[-0.22, 0.83, -0.86, -0.92]]"
+ROW = "[[-0.22, 0.83, -0.86, -0.92]]"
 
 
 def timed(stub: gpb_grpc.FxGatewayStub, payload: bytes, n: int) -> list[float]:
@@ -32,10 +38,36 @@ def timed(stub: gpb_grpc.FxGatewayStub, payload: bytes, n: int) -> list[float]:
     return out
 
 
+def engine(name: str) -> bytes:
+    return f'{{"rows": {ROW}, "engine": "{name}"}}'.encode()
+
+
+def bundle_loads(n: int) -> list[tuple[str, float]]:
+    """Seconds to read the bundle: Python (median of n), MLeap's JVM (cold, then warm median)."""
+    python = []
+    for _ in range(n):
+        s = time.perf_counter()
+        bundle = read_bundle(BUNDLE)
+        Network(bundle.layers, bundle.weights)
+        python.append(time.perf_counter() - s)
+    s = time.perf_counter()
+    with MleapRuntime() as runtime:
+        jvm_start = time.perf_counter() - s
+        jvm_cold = runtime.load(BUNDLE)
+        jvm_warm = statistics.median(runtime.load(BUNDLE) for _ in range(n))
+    return [
+        ("Python: zipfile + json + checks + numpy", statistics.median(python)),
+        ("MLeap JVM: helper start (java, MLeap classpath)", jvm_start),
+        ("MLeap JVM: first load (BundleBuilder.load)", jvm_cold),
+        ("MLeap JVM: load again (warm)", jvm_warm),
+    ]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=300)
-    args = ap.parse_args()
+    args = parse_args(ap, calls=3)
+    loads = bundle_loads(3 if args.smoke else 20)
     started = time.perf_counter()
     platform = Platform(["pyspark"])
     ready = time.perf_counter() - started
@@ -43,38 +75,37 @@ def main() -> None:
     try:
         while True:
             try:
-                stub.Invoke(gpb.InvokeServiceRequest(Service="pyspark", Input=b""), timeout=120)
+                request = gpb.InvokeServiceRequest(Service="pyspark", Input=b"")
+                accuracy = stub.Invoke(request, timeout=120).Msg
                 break
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 time.sleep(0.2)
-        spark_ready = time.perf_counter() - started
-        timed(stub, ROW, 50)
+        jvm_ready = time.perf_counter() - started
+        for name in ("numpy", "mleap", "spark"):
+            timed(stub, engine(name), 3 if args.smoke else 30)  # warm-up
+        few = max(3, args.calls // 10)
         rows = [
-            ("fast path (numpy)", timed(stub, ROW, args.calls)),
-            (
-                "Spark transform",
-                timed(
-                    stub,
-                    b'{"rows": [[-0.22, 0.83, -0.86, -0.92]], "engine": "spark"}',
-                    max(10, args.calls // 10),
-                ),
-            ),
-            (
-                "seed design (load data + model per call)",
-                timed(stub, b'{"rows": [[0,0,0,0]], "engine": "seed"}', max(5, args.calls // 30)),
-            ),
+            ("numpy fast path", timed(stub, engine("numpy"), args.calls)),
+            ("MLeap JVM runtime (warm helper)", timed(stub, engine("mleap"), args.calls)),
+            ("Spark transform", timed(stub, engine("spark"), few)),
+            ("seed design (split + bundle load + evaluate per call)", timed(stub, engine("seed"), few)),
         ]
     finally:
         platform.close()
     fast = percentiles(rows[0][1])[0]
-    print(f"\ncold start: rows served {ready:.1f} s after launch, Spark ready {spark_ready:.1f} s")
-    print("| path (through the gateway, 1 row) | calls | p50 ms | p99 ms | p50 vs fast path |")
+    print(f"\n{accuracy.decode()}")
+    print(f"cold start: rows served {ready:.1f} s after launch, MLeap JVM + Spark ready {jvm_ready:.1f} s")
+    print("| path (through the gateway, 1 row) | calls | p50 ms | p99 ms | p50 vs numpy |")
     print("|---|---|---|---|---|")
     for name, lat in rows:
         p50, p99 = percentiles(lat)
-        print(f"| {name} | {len(lat)} | {p50 / 1000:.2f} | {p99 / 1000:.2f} | {p50 / fast:.0f}x |")
+        print(f"| {name} | {len(lat)} | {p50 / 1000:.2f} | {p99 / 1000:.2f} | {p50 / fast:.1f}x |")
+    print("\n| bundle load (src/model.zip) | ms |")
+    print("|---|---|")
+    for name, seconds in loads:
+        print(f"| {name} | {seconds * 1000:.2f} |")
 
 
 if __name__ == "__main__":
