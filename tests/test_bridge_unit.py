@@ -13,6 +13,7 @@ import pytest
 from openfx.bridge import bridge as bridge_module
 from openfx.bridge.bridge import Bridge, Scheduler
 from openfx.bridge.config import BridgeConfig, Route
+from openfx.errors import http_status
 
 
 class Rpc(grpc.RpcError):
@@ -61,6 +62,7 @@ class Client:
         self.rc = rc
 
     def publish(self, topic, payload, qos, properties):  # type: ignore[no-untyped-def]
+        assert qos == 1  # replies and dead letters are acknowledged publishes (at least once)
         self.published.append((topic, payload, properties))
         return SimpleNamespace(rc=self.rc, mid=99 + len(self.published))
 
@@ -143,6 +145,16 @@ def test_ok_reply_then_ack_after_the_reply_is_acknowledged(clock: list[float]) -
     assert sample(b, "bridge_messages_received_total") == 1
     assert sample(b, "bridge_invocations_total", code="OK") == 1
     assert sample(b, "bridge_replies_total") == 1 and sample(b, "bridge_dead_letters_total") == 0
+    assert sample(b, "trigger_invocations_total", trigger="mqtt", function_name="echo", code="200") == 1
+
+
+def test_inflight_counts_every_unfinished_request(clock: list[float]) -> None:
+    b, client, _ = make(clock, Stub(b"1", b"2", b"3"))
+    for mid in (1, 2, 3):
+        b._on_message(client, None, message("fn/echo", mid=mid))
+    assert sample(b, "bridge_inflight") == 3
+    b._on_publish(client, None, 101, None, None)
+    assert sample(b, "bridge_inflight") == 2 and client.acked == [(2, 1)]
 
 
 def test_default_reply_topic_and_an_early_puback(clock: list[float]) -> None:
@@ -169,6 +181,10 @@ def test_refusals_are_answered_and_dead_lettered_at_once(clock: list[float], cod
     )
     assert (dead_topic, dead, dead_props.CorrelationData) == ("dlq/fn/x", b"payload", b"c9")
     assert users(dead_props) == {"status": code.name, "function": "x", "error": f"{code.name}: no good"}
+    assert (
+        sample(b, "trigger_invocations_total", trigger="mqtt", function_name="x", code=str(http_status(code)))
+        == 1
+    )
     b._on_publish(client, None, 100, None, None)
     assert client.acked == []  # the dead letter is not acknowledged yet
     b._on_publish(client, None, 101, None, None)
@@ -303,3 +319,40 @@ def test_scheduler_runs_callbacks_in_time_order() -> None:
     assert done.wait(10)
     s.stop()
     assert order == [1, 2]
+
+
+def test_a_long_error_is_cut_to_512_characters_in_the_dead_letter(clock: list[float]) -> None:
+    b, client, _ = make(clock, Stub(Rpc(grpc.StatusCode.INVALID_ARGUMENT, "é" * 600)))
+    b._on_message(client, None, message("fn/x"))
+    error = users(client.published[1][2])["error"]
+    assert error == ("INVALID_ARGUMENT: " + "é" * 600)[:512] and client.published[0][1].endswith(
+        "é".encode() * 600
+    )
+
+
+def test_the_mqtt_client_is_set_up_for_manual_acks_and_bounded_work() -> None:
+    b = Bridge(
+        BridgeConfig(metrics_address=None, client_id="bridge-7", max_inflight=8, username="u", password="p")
+    )
+    b.scheduler.stop()
+    c = b.client
+    assert (c._client_id, c._manual_ack, c._protocol) == (b"bridge-7", True, mqtt.MQTTv5)
+    assert (c._username, c._password) == (b"u", b"p")
+    assert c._max_inflight_messages == 20 and c._max_queued_messages == 0  # at least 20 outgoing; no queue
+    assert (c._reconnect_min_delay, c._reconnect_max_delay) == (0.1, 2)
+    wide = Bridge(BridgeConfig(metrics_address=None, max_inflight=100))
+    wide.scheduler.stop()
+    assert wide.client._max_inflight_messages == 100 and wide.client._username is None
+
+
+def test_start_asks_the_broker_for_a_persistent_session_and_receive_maximum(clock: list[float]) -> None:
+    b, _, _ = make(clock, Stub(), host="broker.local", port=1884, max_inflight=9, session_expiry=77)
+    calls: list[tuple[tuple, dict]] = []
+    b.client = SimpleNamespace(  # type: ignore[assignment]
+        connect_async=lambda *a, **k: calls.append((a, k)), loop_start=lambda: calls.append(((), {}))
+    )
+    b.start()
+    (args, kwargs), loop = calls
+    props = kwargs["properties"]
+    assert args == ("broker.local", 1884) and kwargs["clean_start"] is False and kwargs["keepalive"] == 30
+    assert (props.ReceiveMaximum, props.SessionExpiryInterval) == (9, 77) and loop == ((), {})

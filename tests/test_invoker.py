@@ -1,0 +1,341 @@
+"""The invocation core alone (openfx.gateway.invoker): limits, timeouts, statuses and counts, with
+a stand-in backend whose replicas are coroutines. End to end: tests/test_gateway_invoke.py,
+tests/test_streaming.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from openfx.deployment import FunctionDef
+from openfx.errors import InvokeError, not_found
+from openfx.gateway.invoker import Invoker, watcher_request
+from openfx.gateway.metrics import GatewayMetrics
+from openfx.pb import fxwatcher_pb2 as wpb
+
+
+class Replica:
+    def __init__(self, label: str = "f[0]") -> None:
+        self.label = label
+        self.in_flight = 0
+        self.connected = True
+        self.requests: list[wpb.Request] = []
+        self.timeouts: list[float] = []
+        self.gate: asyncio.Event | None = None  # set: calls wait for it
+        self.fail: Exception | None = None
+        self.stream_error: Exception | None = None
+        self.stream_cancelled = False
+
+    async def call(self, request: wpb.Request, timeout: float) -> wpb.Reply:
+        self.requests.append(request)
+        self.timeouts.append(timeout)
+        if self.gate is not None:
+            await asyncio.wait_for(self.gate.wait(), timeout)  # TimeoutError, as the real replicas
+        if self.fail is not None:
+            raise self.fail
+        return wpb.Reply(Output=b"out:" + request.input)
+
+    def stream(self, requests: AsyncIterator[wpb.Request]):  # type: ignore[no-untyped-def]
+        replica = self
+
+        class Call:
+            def __aiter__(self):  # type: ignore[no-untyped-def]
+                return self.gen()
+
+            async def gen(self):  # type: ignore[no-untyped-def]
+                async for r in requests:
+                    replica.requests.append(r)
+                    if replica.stream_error is not None:
+                        raise replica.stream_error
+                    yield wpb.Reply(Output=b"s:" + r.input)
+
+            def cancel(self) -> None:
+                replica.stream_cancelled = True
+
+        return Call()
+
+
+class Function:
+    def __init__(self, definition: FunctionDef, replica: Replica) -> None:
+        self.definition = definition
+        self.invocations = 0
+        self.in_flight = 0
+        self.replica = replica
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    def pick(self) -> Replica:
+        return self.replica
+
+
+class Backend:
+    def __init__(self, **functions: Function) -> None:
+        self.functions = functions
+
+    def get(self, name: str) -> Function:
+        if name not in self.functions:
+            raise not_found(name)
+        return self.functions[name]
+
+
+def setup(**definition: object) -> tuple[Invoker, Function, Replica, GatewayMetrics]:
+    replica = Replica()
+    fn = Function(FunctionDef(name="f", image="i", handler_dir=Path("/x"), **definition), replica)  # type: ignore[arg-type]
+    metrics = GatewayMetrics()
+    return Invoker(Backend(f=fn), metrics, max_streams=2), fn, replica, metrics
+
+
+def count(metrics: GatewayMetrics, function: str, code: int) -> float:
+    labels = {"function_name": function, "code": str(code)}
+    return metrics.registry.get_sample_value("gateway_function_invocation_total", labels) or 0.0
+
+
+def failure(coro) -> InvokeError:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvokeError) as err:
+        asyncio.run(coro)
+    return err.value
+
+
+def test_a_call_reaches_the_replica_with_its_request_info_and_is_counted() -> None:
+    invoker, fn, replica, metrics = setup(timeout=7)
+    reply = asyncio.run(invoker.invoke("f", b"hi", trigger="mqtt", topic="fn/f"))
+    assert reply.Output == b"out:hi"
+    [request] = replica.requests
+    assert request.input == b"hi" and request.info.FunctionName == "f" and request.info.Timeout == "7s"
+    assert (request.info.Trigger.Name, request.info.Trigger.Topic) == ("mqtt", "fn/f")
+    assert request.info.Runtime == "python3" and request.info.Trigger.Time.endswith("+00:00")
+    assert replica.timeouts == [7]
+    assert (fn.invocations, fn.in_flight, replica.in_flight) == (1, 0, 0)
+    assert count(metrics, "f", 200) == 1
+    assert metrics.registry.get_sample_value("gateway_functions_seconds_count", {"function_name": "f"}) == 1
+    assert (
+        0 <= metrics.registry.get_sample_value("gateway_functions_seconds_sum", {"function_name": "f"}) < 10
+    )
+    asyncio.run(invoker.invoke("f", b"again"))
+    assert (replica.requests[1].info.Trigger.Name, replica.requests[1].info.Trigger.Topic) == ("grpc", "")
+
+
+def test_the_callers_deadline_shortens_the_timeout_but_never_lengthens_it() -> None:
+    invoker, _, replica, _ = setup(timeout=5)
+    asyncio.run(invoker.invoke("f", b"", deadline=2))
+    asyncio.run(invoker.invoke("f", b"", deadline=9))
+    assert replica.timeouts == [2, 5]
+
+
+def test_timeout_is_deadline_exceeded_and_504() -> None:
+    invoker, fn, replica, metrics = setup(timeout=0.01)
+    replica.gate = asyncio.Event()
+    err = failure(invoker.invoke("f", b""))
+    assert (err.code, err.http, err.message) == (
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        504,
+        "function f timed out after 0.01s",
+    )
+    assert (fn.invocations, fn.in_flight, replica.in_flight) == (1, 0, 0)
+    assert count(metrics, "f", 504) == 1 and count(metrics, "f", 200) == 0
+
+
+def test_unknown_function_is_not_found_and_counted_under_its_name() -> None:
+    invoker, fn, _, metrics = setup()
+    err = failure(invoker.invoke("nope", b""))
+    assert (err.code, err.http) == (grpc.StatusCode.NOT_FOUND, 404)
+    assert count(metrics, "nope", 404) == 1 and fn.invocations == 0
+
+
+def test_a_replicas_error_keeps_its_status_and_is_counted() -> None:
+    invoker, fn, replica, metrics = setup()
+    replica.fail = InvokeError(grpc.StatusCode.INVALID_ARGUMENT, "bad")
+    assert failure(invoker.invoke("f", b"")).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert count(metrics, "f", 400) == 1 and fn.invocations == 1 and fn.in_flight == 0
+
+
+def test_in_flight_limit_refuses_at_once_and_frees_its_slots() -> None:
+    async def scenario(invoker: Invoker, fn: Function, replica: Replica) -> tuple[InvokeError, list[bytes]]:
+        replica.gate = asyncio.Event()
+        held = [asyncio.create_task(invoker.invoke("f", b"%d" % i)) for i in range(2)]
+        for _ in range(100):  # let both tasks reach the replica
+            await asyncio.sleep(0)
+        assert fn.in_flight == 2
+        assert replica.in_flight == 2
+        with pytest.raises(InvokeError) as err:
+            await invoker.invoke("f", b"third")
+        replica.gate.set()
+        outputs = [r.Output for r in await asyncio.gather(*held)]
+        return err.value, outputs
+
+    invoker, fn, replica, metrics = setup(max_inflight=2)
+    err, outputs = asyncio.run(scenario(invoker, fn, replica))
+    assert (err.code, err.http, err.message) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        429,
+        "function f has 2 calls in flight (max_inflight)",
+    )
+    assert outputs == [b"out:0", b"out:1"] and [r.input for r in replica.requests] == [b"0", b"1"]
+    assert fn.in_flight == 0 and replica.in_flight == 0 and count(metrics, "f", 429) == 1
+    assert asyncio.run(invoker.invoke("f", b"again")).Output == b"out:again"  # one below the limit: admitted
+
+
+def test_request_size_limit_is_413_and_inclusive() -> None:
+    invoker, _, replica, metrics = setup(max_request_bytes=4)
+    assert asyncio.run(invoker.invoke("f", b"four")).Output == b"out:four"
+    err = failure(invoker.invoke("f", b"fives"))
+    assert (err.code, err.http) == (grpc.StatusCode.RESOURCE_EXHAUSTED, 413)
+    assert err.message == "request of 5 bytes is over f's limit of 4 (max_request_bytes)"
+    assert count(metrics, "f", 413) == 1 and len(replica.requests) == 1
+    unlimited, _, _, _ = setup(max_request_bytes=0)
+    assert asyncio.run(unlimited.invoke("f", b"x" * 100_000)).Output.startswith(b"out:")
+
+
+async def _collect(
+    invoker: Invoker, name: str, frames: list[tuple[str, bytes]], first: bytes = b"a"
+) -> list[bytes]:
+    async def rest() -> AsyncIterator[tuple[str, bytes]]:
+        for frame in frames:
+            yield frame
+
+    return [out async for out in invoker.stream(name, first, rest())]
+
+
+def test_stream_answers_every_frame_in_order_and_counts_each() -> None:
+    invoker, fn, replica, metrics = setup()
+    out = asyncio.run(_collect(invoker, "f", [("f", b"b"), ("", b"c")]))
+    assert out == [b"s:a", b"s:b", b"s:c"]
+    assert all(r.info.Trigger.Name == "grpc" for r in replica.requests)
+    assert fn.invocations == 3 and count(metrics, "f", 200) == 3
+    assert (fn.in_flight, replica.in_flight, invoker.streams) == (0, 0, 0) and replica.stream_cancelled
+
+
+def test_stream_of_another_function_ends_after_the_frames_sent() -> None:
+    invoker, fn, _, _ = setup()
+    got: list[bytes] = []
+
+    async def run() -> None:
+        async def rest() -> AsyncIterator[tuple[str, bytes]]:
+            yield ("f", b"b")
+            yield ("g", b"c")
+            yield ("f", b"never")
+
+        async for out in invoker.stream("f", b"a", rest()):
+            got.append(out)
+
+    err = failure(run())
+    assert (err.code, err.message) == (grpc.StatusCode.INVALID_ARGUMENT, "one stream, one function: got 'g'")
+    assert got == [b"s:a", b"s:b"] and invoker.streams == 0 and fn.in_flight == 0
+
+
+def test_stream_frame_over_the_size_limit_ends_it_with_413() -> None:
+    invoker, _, _, _ = setup(max_request_bytes=3)
+    got: list[bytes] = []
+
+    async def run() -> None:
+        async def rest() -> AsyncIterator[tuple[str, bytes]]:
+            yield ("f", b"abc")
+            yield ("f", b"abcd")
+
+        async for out in invoker.stream("f", b"a", rest()):
+            got.append(out)
+
+    err = failure(run())
+    assert (err.code, err.http) == (grpc.StatusCode.RESOURCE_EXHAUSTED, 413) and got == [b"s:a", b"s:abc"]
+    assert failure(_collect(invoker, "f", [], first=b"abcd")).http == 413  # the first frame too
+
+
+def test_stream_cap_and_in_flight_limit_apply_to_streams() -> None:
+    invoker, fn, _, _ = setup(max_inflight=1)
+    invoker.streams = 2
+    err = failure(_collect(invoker, "f", []))
+    assert (err.code, err.message) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "2 streams already open (max_streams)",
+    )
+    invoker.streams = 1
+    assert asyncio.run(_collect(invoker, "f", [])) == [b"s:a"]  # one below the cap
+    fn.in_flight = 1
+    assert failure(_collect(invoker, "f", [])).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class AioError(grpc.aio.AioRpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+@pytest.mark.parametrize(
+    ("code", "connected", "expected", "http"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, True, grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (grpc.StatusCode.INTERNAL, True, grpc.StatusCode.INTERNAL, 500),
+        (grpc.StatusCode.UNAVAILABLE, True, grpc.StatusCode.UNAVAILABLE, 503),
+        (grpc.StatusCode.CANCELLED, False, grpc.StatusCode.UNAVAILABLE, 499),  # the process went away
+    ],
+)
+def test_stream_errors_keep_their_status(code, connected, expected, http) -> None:  # type: ignore[no-untyped-def]
+    invoker, fn, replica, metrics = setup()
+    replica.stream_error = AioError(code, "went wrong")
+    replica.connected = connected
+    err = failure(_collect(invoker, "f", []))
+    assert err.code == expected
+    assert ("ended the stream: went wrong" in err.message) == (expected == grpc.StatusCode.UNAVAILABLE)
+    assert count(metrics, "f", http) == 1 and fn.in_flight == 0 and invoker.streams == 0
+    assert fn.invocations == 1
+
+
+def test_stream_error_without_details_says_its_code() -> None:
+    invoker, _, replica, _ = setup()
+    replica.stream_error = AioError(grpc.StatusCode.INVALID_ARGUMENT, "")
+    assert failure(_collect(invoker, "f", [])).message == "INVALID_ARGUMENT"
+
+
+def test_open_streams_count_against_both_limits_while_open() -> None:
+    async def scenario() -> None:
+        invoker, fn, replica, _ = setup(max_inflight=5)
+        release = asyncio.Event()
+        first_answers = [asyncio.Event(), asyncio.Event()]
+
+        async def held(i: int) -> list[bytes]:
+            async def rest() -> AsyncIterator[tuple[str, bytes]]:
+                await release.wait()
+                yield ("f", b"last")
+
+            out = []
+            async for o in invoker.stream("f", b"%d" % i, rest()):
+                out.append(o)
+                first_answers[i].set()
+            return out
+
+        tasks = [asyncio.create_task(held(i)) for i in range(2)]
+        for e in first_answers:
+            await asyncio.wait_for(e.wait(), 10)
+        assert (invoker.streams, fn.in_flight, replica.in_flight) == (2, 2, 2)
+        with pytest.raises(InvokeError) as err:
+            await _collect(invoker, "f", [])
+        assert err.value.message == "2 streams already open (max_streams)"
+        release.set()
+        assert await asyncio.gather(*tasks) == [[b"s:0", b"s:last"], [b"s:1", b"s:last"]]
+        assert (invoker.streams, fn.in_flight, replica.in_flight) == (0, 0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_stream_cut_by_the_replica_exiting_is_unavailable() -> None:
+    invoker, fn, replica, metrics = setup()
+    replica.stream_error = asyncio.CancelledError()
+    err = failure(_collect(invoker, "f", []))
+    assert (err.code, err.message) == (grpc.StatusCode.UNAVAILABLE, "f[0] exited during the stream")
+    assert count(metrics, "f", 503) == 1 and invoker.streams == 0 and replica.in_flight == 0
+
+
+def test_watcher_request_carries_the_function_timeout() -> None:
+    fn = Function(FunctionDef(name="g", image="i", handler_dir=None, timeout=2.5), Replica())
+    request = watcher_request(fn, b"p", "http")  # type: ignore[arg-type]
+    assert (request.info.FunctionName, request.info.Timeout, request.info.Trigger.Name) == (
+        "g",
+        "2.5s",
+        "http",
+    )
+    assert request.info.Trigger.Topic == ""
