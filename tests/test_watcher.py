@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -120,28 +119,73 @@ def test_watcher_readiness_after_init_lock_file_and_calls(tmp_path: Path) -> Non
 
 
 def test_sigterm_drains_in_flight_calls(tmp_path: Path) -> None:
-    proc, address, _ = start_watcher(tmp_path, "sleeper")
+    """A call inside the handler when SIGTERM arrives (the handler says so) finishes; the watcher
+    says it is draining it, and only then is the call released."""
+    latch = FIXTURES / "functions/latch/src/handler.py"
+    proc, address, _ = start_watcher(tmp_path, "latch", latch)
     try:
         wait_serving(address)
         stub = wpb_grpc.FxWatcherStub(grpc.insecure_channel(address))
-        result: dict[str, object] = {}
-
-        def slow_call() -> None:
-            try:
-                result["out"] = stub.Call(wpb.Request(input=b"1"), timeout=10).Output
-            except grpc.RpcError as exc:
-                result["err"] = exc.code()
-
-        thread = threading.Thread(target=slow_call)
-        thread.start()
-        time.sleep(0.3)
+        held = tmp_path / "held"
+        call = stub.Call.future(wpb.Request(input=str(held).encode()), timeout=30)
+        deadline = time.monotonic() + 20
+        while not held.with_name("held.started").exists():
+            assert time.monotonic() < deadline and not call.done(), "the call never reached the handler"
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
-        thread.join(15)
-        assert result == {"out": b"slept 1"}
+        line = proc.stderr.readline()  # type: ignore[union-attr]
+        while b"stopping" not in line and line:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+        assert b"stopping (draining 1 in flight)" in line
+        held.with_name("held.release").touch()
+        assert call.result().Output == b"released"
         assert proc.wait(15) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_probe_asks_a_live_watcher(tmp_path: Path) -> None:
+    """`python -m openfx.watcher.probe` (the image's HEALTHCHECK): 1 while __init__ runs, 0 once
+    serving, 1 with the gRPC code once the watcher is gone."""
+    slow = tmp_path / "handler.py"
+    slow.write_text((FN / "cls/src/handler.py").read_text().replace("sleep(0.5)", "sleep(3)"))
+    proc, address, lock = start_watcher(tmp_path, "cls", slow)
+
+    def probe() -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PROBE_ADDR": address}
+        return subprocess.run(
+            [sys.executable, "-m", "openfx.watcher.probe"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # the servers are up before the handler loads: NOT_SERVING first
+            early = probe()
+            if early.returncode == 1 and "UNAVAILABLE" not in early.stderr:
+                break
+            assert time.monotonic() < deadline and not lock.exists(), early.stderr
+        assert early.stderr == ""  # answered NOT_SERVING, not an error
+        wait_serving(address)
+        ok = probe()
+        assert (ok.returncode, ok.stderr) == (0, "")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    gone = probe()
+    assert gone.returncode == 1 and gone.stderr == f"probe: {address}: UNAVAILABLE\n"
+    default_port = subprocess.run(  # WATCHER_PORT names the port on 127.0.0.1 when PROBE_ADDR is unset
+        [sys.executable, "-m", "openfx.watcher.probe"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PROBE_ADDR"} | {"WATCHER_PORT": str(free_port())},
+        timeout=30,
+    )
+    assert default_port.returncode == 1 and default_port.stderr.startswith("probe: 127.0.0.1:")
 
 
 def test_load_failure_exits_non_zero_with_one_line(tmp_path: Path) -> None:
