@@ -33,11 +33,23 @@ PAGES = {
 }
 
 
+HITS: dict[str, int] = {}  # path -> requests served (the robots.txt cache test counts them)
+
+
 class Site(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
+        HITS[self.path] = HITS.get(self.path, 0) + 1
+        target = None
         if self.path == "/redirect":
+            target = "/news.html"
+        elif self.path.startswith("/hops/"):  # /hops/N redirects N more times, then to the news
+            left = int(self.path.rsplit("/", 1)[1])
+            target = f"/hops/{left - 1}" if left > 1 else "/news.html"
+        elif self.path.startswith("/to?"):  # an open redirect: /to?<absolute URL>
+            target = self.path.partition("?")[2]
+        if target is not None:
             self.send_response(302)
-            self.send_header("Location", "/news.html")
+            self.send_header("Location", target)
             self.end_headers()
             return
         status, ctype, body = PAGES.get(self.path, (404, "text/plain", "not found"))
@@ -129,6 +141,70 @@ def test_safe_by_default(site: str) -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             default(Req(url.encode()))
+
+
+def test_redirect_limit_is_five_hops(crawler, site: str) -> None:  # type: ignore[no-untyped-def]
+    assert ask(crawler, f"{site}/hops/5", limit=1) == "1,Headline 1"  # 5 redirects: followed
+    before = {p: n for p, n in HITS.items() if p.startswith("/hops/")}
+    with pytest.raises(ValueError, match="more than 5 redirects"):
+        ask(crawler, f"{site}/hops/6", limit=1)
+    served = {p: n - before.get(p, 0) for p, n in HITS.items() if p.startswith("/hops/")}
+    assert sorted(p for p, n in served.items() if n) == [
+        f"/hops/{i}" for i in range(1, 7)
+    ]  # 6 requests, no 7th
+
+
+def test_robots_txt_is_fetched_once_per_site_for_five_minutes(crawler, site: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import types
+
+    now = [1000.0]
+    handler_globals = type(crawler).__call__.__globals__
+    monkeypatch.setitem(handler_globals, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    start = HITS.get("/robots.txt", 0)
+    for _ in range(3):
+        ask(crawler, f"{site}/news.html", limit=1)
+    assert HITS["/robots.txt"] - start == 1
+    now[0] += 300  # exactly the TTL: still cached
+    ask(crawler, f"{site}/news.html", limit=1)
+    assert HITS["/robots.txt"] - start == 1
+    now[0] += 1  # past it: fetched again
+    with pytest.raises(ValueError, match="disallows"):
+        ask(crawler, f"{site}/private.html")
+    assert HITS["/robots.txt"] - start == 2
+
+
+def test_redirect_to_a_private_address_is_refused(site: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """CRAWLER_ALLOW_PRIVATE unset: a public site (here a name resolved to a public address, its
+    requests served by the local test server) that redirects inside is stopped at that hop."""
+    monkeypatch.delenv("CRAWLER_ALLOW_PRIVATE", raising=False)
+    crawler = type(load_handler(HANDLER))()
+    real_getaddrinfo = socket.getaddrinfo
+    port = int(site.rsplit(":", 1)[1])
+
+    def resolve(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host == "public.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    real_get = crawler.session.get
+    fetched: list[str] = []
+
+    def get(url, **kwargs):  # type: ignore[no-untyped-def]
+        fetched.append(url)
+        return real_get(url.replace("public.example", "127.0.0.1"), **kwargs)  # the "public" site is ours
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    crawler.session.get = get
+    assert ask(crawler, f"http://public.example:{port}/news.html", limit=1) == "1,Headline 1"  # allowed
+    for inside in (
+        f"http://127.0.0.1:{port}/news.html",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.1.2.3/",
+    ):
+        fetched.clear()
+        with pytest.raises(ValueError, match="non-public address"):
+            ask(crawler, f"http://public.example:{port}/to?{inside}", limit=1)
+        assert fetched == [f"http://public.example:{port}/to?{inside}"]  # the inside address never requested
 
 
 def test_through_gateway(stack_gateway: RunningGateway, site: str) -> None:
