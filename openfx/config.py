@@ -145,15 +145,20 @@ class StackFile(_Strict):
     mqtt: MqttSpec | None = None
 
 
+def yaml_error(path: Path | str, exc: yaml.YAMLError) -> ConfigError:
+    """PyYAML's message spans several lines; every config error is one line with the place."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" line {mark.line + 1}" if mark else ""
+    return ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or 'parse error'})")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise yaml_error(path, exc) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

@@ -16,7 +16,7 @@ from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from openfx import defaults
-from openfx.config import NAME_RE, ConfigError
+from openfx.config import NAME_RE, ConfigError, yaml_error
 
 
 class _Strict(BaseModel):
@@ -115,11 +115,7 @@ def load_bridge_config(path: str | Path | None, **overrides: object) -> BridgeCo
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found") from None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)  # one line, as every config error
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(
-                f"{path}: not valid YAML{where} ({getattr(exc, 'problem', None) or 'parse error'})"
-            ) from None
+            raise yaml_error(path, exc) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     data.update({k: v for k, v in overrides.items() if v is not None})

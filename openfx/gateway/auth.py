@@ -153,14 +153,14 @@ class TokenStore:
 
 
 def _read_tokens_file(path: Path) -> list[Token]:
-    from openfx.config import ConfigError
+    from openfx.config import ConfigError, yaml_error
 
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: tokens file not found") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise yaml_error(path, exc) from None
     entries = data.get("tokens") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: expected 'tokens:' with a list of {{name, token or sha256, scopes}}")
