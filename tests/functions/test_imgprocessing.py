@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from openfx.pb import fxgateway_pb2 as gpb
-from openfx.watcher.loader import load_handler
+from openfx.watcher.loader import HandlerLoadError, load_handler
 from tests.conftest import ROOT, RunningGateway
 from tests.functions.conftest import Req, call
 
@@ -60,14 +60,73 @@ def test_gray_matches_the_luma_of_known_pixels(handler) -> None:  # type: ignore
     assert out[300, 400] >= 250 and out[600, 10] <= 3
 
 
-def test_default_operation_is_faces_and_keeps_the_picture(handler) -> None:  # type: ignore[no-untyped-def]
-    out = decode(handler(Req(jpeg(scene()))))
-    assert out.shape == (640, 960, 3)
-    assert np.abs(out.astype(int) - scene().astype(int)).mean() < 3  # no face here: no boxes drawn
+def drawn_face(size: int = 300) -> np.ndarray:
+    """A face drawn with OpenCV (nothing downloaded): light oval, dark brows and eyes, a bright nose
+    bridge, nostrils and mouth, blurred; OpenCV's own frontal-face cascade finds it (checked at
+    several sizes, PNG and JPEG). A (2*size)-square BGR image, the face centred."""
+    img = np.full((size * 2, size * 2), 60, np.uint8)
+    k = size / 200
+
+    def at(x: float, y: float) -> tuple[int, int]:
+        return int(size + x * k), int(size + y * k)
+
+    def axes(a: float, b: float) -> tuple[int, int]:
+        return int(a * k), int(b * k)
+
+    cv2.ellipse(img, at(0, 0), axes(80, 105), 0, 0, 360, 200, -1)  # face
+    for dx in (-35, 35):
+        cv2.ellipse(img, at(dx, -45), axes(24, 7), 0, 0, 360, 90, -1)  # brows
+        cv2.ellipse(img, at(dx, -22), axes(20, 11), 0, 0, 360, 40, -1)  # eyes
+    cv2.ellipse(img, at(0, 15), axes(10, 28), 0, 0, 360, 215, -1)  # nose bridge
+    cv2.ellipse(img, at(0, 38), axes(16, 6), 0, 0, 360, 120, -1)  # nostrils
+    cv2.ellipse(img, at(0, 65), axes(32, 9), 0, 0, 360, 70, -1)  # mouth
+    return cv2.cvtColor(cv2.GaussianBlur(img, (0, 0), 4 * k), cv2.COLOR_GRAY2BGR)
+
+
+def green_box(out: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The bounding box of the pure-green pixels the handler draws, or None."""
+    green = (out[..., 1] > 200) & (out[..., 0] < 80) & (out[..., 2] < 80)
+    if green.sum() < 100:
+        return None
+    ys, xs = np.nonzero(green)
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+def test_a_real_face_gets_a_green_box_around_it(handler) -> None:  # type: ignore[no-untyped-def]
+    face = drawn_face(300)  # 600x600: detected on the handler's 320-wide copy, drawn on the original
+    out = decode(handler(Req(b"op=faces\n" + jpeg(face))))
+    box = green_box(out)
+    assert box is not None, "no face found"
+    x1, y1, x2, y2 = box
+    assert x1 < 300 - 70 and x2 > 300 + 70 and y1 < 300 - 60 and y2 > 300 + 90  # eyes to mouth inside
+    assert 150 < x2 - x1 < 500 and 150 < y2 - y1 < 500  # a face-sized box, not the whole picture
+    assert green_box(out[y1 + 10 : y2 - 10, x1 + 10 : x2 - 10]) is None  # lines only: the face is untouched
+    assert np.abs(out[300, 300].astype(int) - face[300, 300].astype(int)).max() < 12
+
+
+def test_default_operation_is_faces(handler) -> None:  # type: ignore[no-untyped-def]
+    face = jpeg(drawn_face(300))
+    assert green_box(decode(handler(Req(face)))) is not None  # no prefix: faces, a box drawn
+    untouched = decode(handler(Req(b"op=none\n" + face)))
+    assert green_box(untouched) is None and untouched.shape == (600, 600, 3)
+    plain = decode(handler(Req(jpeg(scene()))))  # no face: the picture comes back as it was
+    assert plain.shape == (640, 960, 3) and np.abs(plain.astype(int) - scene().astype(int)).mean() < 3
+
+
+def test_img_operation_sets_the_default(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("IMG_OPERATION", "gray")
+    gray_default = type(load_handler(HANDLER))()
+    assert decode(gray_default(Req(png(scene())))).ndim == 2
+    assert decode(gray_default(Req(b"op=none\n" + png(scene())))).ndim == 3  # a request still picks
+    monkeypatch.setenv("IMG_OPERATION", "sepia")
+    with pytest.raises(
+        HandlerLoadError, match="IMG_OPERATION='sepia'; choose one of faces, edges, gray, none"
+    ):
+        load_handler(HANDLER)
 
 
 def test_face_boxes_are_drawn_where_the_detector_fires(handler) -> None:  # type: ignore[no-untyped-def]
-    """The cascade needs a real face; a stand-in detector returns one known box to check the drawing."""
+    """The drawing alone, at a known place: a stand-in detector returns one box on the small copy."""
 
     class FakeCascade:
         def detectMultiScale(self, *args, **kwargs):  # noqa: N802 (OpenCV's name)
