@@ -21,7 +21,7 @@ import requests
 from rich.progress import track
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Platform, percentiles  # noqa: E402
+from common import Platform, parse_args, percentiles  # noqa: E402
 
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--partitions", default="1,2,4")
-    args = ap.parse_args()
+    args = parse_args(ap, calls=3, partitions="2")
     trained = train_rows([int(p) for p in args.partitions.split(",")])
 
     import cv2
