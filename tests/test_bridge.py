@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, free_port
 from tests.mqtt_helpers import Broker, Device, start_bridge, start_broker, status
 
 
@@ -18,6 +19,25 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     b = start_broker(tmp_path_factory.mktemp("mqtt"))
     yield b
     b.stop()
+
+
+METRICS = f"127.0.0.1:{free_port()}"
+
+
+def metric(name: str) -> float:
+    """A sample of the module bridge's /metrics, e.g. 'bridge_invocations_total{code="OK"}' (0 if absent)."""
+    for line in requests.get(f"http://{METRICS}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_metric(name: str, at_least: float, timeout: float = 20) -> float:
+    deadline = time.monotonic() + timeout
+    while (value := metric(name)) < at_least:
+        assert time.monotonic() < deadline, f"{name} stayed at {value} (< {at_least})"
+        time.sleep(0.02)
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +55,9 @@ def bridge(
         "fn/+={1}",
         "--route",
         "lab/#=info",
+        "--metrics",
+        METRICS,  # start_bridge returns once the bridge has subscribed
     )
-    time.sleep(0.5)
     yield log
     proc.send_signal(signal.SIGTERM)
     proc.wait(20)
@@ -63,7 +84,12 @@ def test_default_reply_topic_and_trigger_info(broker: Broker, bridge: Path) -> N
         replies = [device.next() for _ in range(2)]
         own = [m for m in replies if m.topic == "lab/room1/temp/reply"]
         assert own and own[0].payload == b"info|mqtt|lab/room1/temp|True"
-        time.sleep(0.5)
+        # a looping reply would reach the bridge before a later request does (one connection, in
+        # order): after that request's reply, the bridge has received exactly the requests sent
+        received = metric("bridge_messages_received_total")
+        device.request("lab/sentinel", b"")
+        assert {device.next().topic, device.next().topic} == {"lab/sentinel", "lab/sentinel/reply"}
+        assert metric("bridge_messages_received_total") == received + 1
         assert device.messages.empty()
     finally:
         device.close()
@@ -110,12 +136,18 @@ def test_workshop_command_line(broker: Broker, gateway: RunningGateway, tmp_path
     from tests.conftest import ROOT
 
     env = {**os.environ, "MQTT_PORT": str(broker.port), "OPENFX_URL": gateway.grpc_address}
+    ready = tmp_path / "connector.ready"
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "broker/gRPC_Broker.py"), "test", "echo"], env=env, stderr=subprocess.PIPE
+        [sys.executable, str(ROOT / "broker/gRPC_Broker.py"), "test", "echo", "--ready-file", str(ready)],
+        env=env,
+        stderr=subprocess.DEVNULL,
     )
     device = Device(broker.port, ["test/reply"])
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 20
+        while not ready.exists():  # the connector's bridge writes it once subscribed
+            assert proc.poll() is None and time.monotonic() < deadline, "the connector never subscribed"
+            time.sleep(0.02)
         device.request("test", "안녕".encode())
         assert device.next().payload == "안녕".encode()
     finally:
@@ -129,3 +161,74 @@ def test_workshop_command_line(broker: Broker, gateway: RunningGateway, tmp_path
         usage.returncode == 2
         and "python gRPC_Broker.py [Connect Topic] [Serverless function]" in usage.stdout
     )
+
+
+def test_busy_function_is_retried_until_it_answers(broker: Broker, bridge: Path) -> None:
+    """sleeper takes 2 calls at once (max_inflight): of 4 requests sent together, the refused ones
+    (RESOURCE_EXHAUSTED) are retried with backoff and all 4 are answered OK, none dead-lettered."""
+    busy_before = metric('bridge_invocations_total{code="RESOURCE_EXHAUSTED"}')
+    retries_before, dead_before = metric("bridge_retries_total"), metric("bridge_dead_letters_total")
+    device = Device(broker.port, ["replies/busy"])
+    try:
+        for i in range(4):
+            device.request("fn/sleeper", b"0.5", response_topic="replies/busy", correlation=b"%d" % i)
+        replies = [device.next(timeout=30) for _ in range(4)]
+    finally:
+        device.close()
+    assert sorted(r.properties.CorrelationData for r in replies) == [b"0", b"1", b"2", b"3"]
+    assert {(r.payload, status(r)) for r in replies} == {(b"slept 0.5", "OK")}
+    assert metric('bridge_invocations_total{code="RESOURCE_EXHAUSTED"}') - busy_before >= 2
+    assert metric("bridge_retries_total") - retries_before >= 2
+    assert metric("bridge_dead_letters_total") == dead_before
+
+
+def test_metrics_endpoint_counts_what_happened(broker: Broker, bridge: Path) -> None:
+    before = {n: metric(n) for n in ("bridge_messages_received_total", "bridge_replies_total")}
+    ok_before = metric('bridge_invocations_total{code="OK"}')
+    device = Device(broker.port, ["fn/echo/reply"])
+    try:
+        device.request("fn/echo", b"counted")
+        assert device.next().payload == b"counted"
+    finally:
+        device.close()
+    wait_metric("bridge_replies_total", before["bridge_replies_total"] + 1)  # counted at the reply's PUBACK
+    assert metric("bridge_messages_received_total") == before["bridge_messages_received_total"] + 1
+    assert metric('bridge_invocations_total{code="OK"}') == ok_before + 1
+    assert metric("bridge_inflight") == 0
+    text = requests.get(f"http://{METRICS}/metrics", timeout=10).text
+    assert 'trigger_invocations_total{code="200",function_name="echo",trigger="mqtt"}' in text
+
+
+def test_retry_budget_running_out_ends_in_a_dead_letter(
+    broker: Broker, gateway: RunningGateway, tmp_path: Path
+) -> None:
+    """badimport is never ready (UNAVAILABLE): with a 1 s budget the bridge retries, then answers
+    UNAVAILABLE and dead-letters the request."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("retry: {budget_seconds: 1, first_delay: 0.05, max_delay: 0.2}\n")
+    metrics = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "bridge.log"
+    proc = start_bridge(
+        broker.port, gateway.grpc_address, log, "-c", str(config), "--metrics", metrics, client_id="budget"
+    )
+    device = Device(broker.port, ["replies/budget", "dlq/fn/badimport"])
+    try:
+        device.request("fn/badimport", b"payload", response_topic="replies/budget", correlation=b"b1")
+        got = {m.topic: m for m in (device.next(timeout=20), device.next(timeout=20))}
+        text = requests.get(f"http://{metrics}/metrics", timeout=10).text
+    finally:
+        device.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    reply, dead = got["replies/budget"], got["dlq/fn/badimport"]
+    assert status(reply) == "UNAVAILABLE" and reply.payload.startswith(b"UNAVAILABLE: ")
+    assert dead.payload == b"payload" and status(dead) == "UNAVAILABLE"
+    assert dead.properties.CorrelationData == b"b1"
+    samples = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if ln.startswith("bridge_"))
+    # 0.05 + 0.1 + 0.2 + 0.2 + ... within 1 s: at least 4 retries, and then it stopped
+    assert float(samples["bridge_retries_total"]) >= 4
+    assert (
+        float(samples['bridge_invocations_total{code="UNAVAILABLE"}'])
+        == float(samples["bridge_retries_total"]) + 1
+    )
+    assert float(samples["bridge_dead_letters_total"]) == 1
