@@ -2,8 +2,10 @@
 
 No cluster runs here, so this small server answers the REST calls the official client makes
 (create/read/list/patch/delete of Deployments, Services, HPAs, the scale subresource, pods and
-their logs), keeps the objects in memory, marks Deployments as fully available, and records
-every request so tests can check exactly what the gateway asked for.
+their logs), keeps the objects in memory and records every request so tests can check exactly
+what the gateway asked for. Like a real API server, a Deployment reports only the pods that are
+ready as available: none right after it is created or scaled up, until the test says its pods
+became ready (`pods_ready`); scaling down takes effect at once.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def merge(base: Any, patch: Any) -> Any:
 class FakeKubernetes:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.ready: dict[tuple[str, str], int] = {}  # (namespace, deployment) -> pods ready
         self.requests: list[tuple[str, str, Any]] = []
         self.lock = threading.Lock()
         fake = self
@@ -106,13 +109,20 @@ class FakeKubernetes:
     def _status(code: int, reason: str) -> dict[str, Any]:
         return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code}
 
+    def pods_ready(self, name: str, count: int, namespace: str = "openfx-fn") -> None:
+        """`count` of the Deployment's pods pass their readiness probe."""
+        with self.lock:
+            self.ready[(namespace, name)] = count
+
     def _with_status(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         if kind == "Deployment":
+            ns, name = obj["metadata"].get("namespace", "openfx-fn"), obj["metadata"]["name"]
             replicas = obj["spec"].get("replicas", 1)
-            obj = {
-                **obj,
-                "status": {"replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas},
-            }
+            ready = min(replicas, self.ready.get((ns, name), 0))
+            status: dict[str, Any] = {"replicas": replicas, "unavailableReplicas": replicas - ready}
+            if ready:  # the API leaves the field out when it is zero
+                status |= {"readyReplicas": ready, "availableReplicas": ready}
+            obj = {**obj, "status": status}
         return obj
 
     def answer(self, method: str, path: str, query: str, body: Any) -> tuple[int, Any]:
@@ -152,6 +162,7 @@ class FakeKubernetes:
                 return 404, self._status(404, "NotFound")
             if method == "DELETE":
                 deleted = self.objects.pop(key)
+                self.ready.pop((ns, name), None)
                 if kind == "Service":
                     return 200, deleted  # the API answers a Service delete with the Service
                 return 200, self._status(200, "Deleted") | {"status": "Success"}

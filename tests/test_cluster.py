@@ -119,12 +119,24 @@ def test_committed_deploy_folder_is_current_and_valid(tmp_path: Path) -> None:
         [CLI, "k8s", "render", "-o", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    for path in tmp_path.rglob("*"):
-        if path.is_file():
-            committed = ROOT / "deploy" / path.relative_to(tmp_path)
-            assert committed.read_text() == path.read_text(), (
-                f"{committed} is stale: run openfx-cli k8s render"
-            )
+    rendered = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    committed_files = {p.relative_to(ROOT / "deploy") for p in (ROOT / "deploy").rglob("*") if p.is_file()}
+    functions = set(load_stack(ROOT / "openfx.yaml").functions)
+    assert {
+        Path("platform.yaml"),
+        Path("prometheus/prometheus.yml"),
+        Path("grafana/openfx-gateway.json"),
+    } <= rendered
+    assert {p.stem for p in rendered if p.parent == Path("functions")} == functions  # one file per function
+    assert committed_files - rendered == set(), "stale files in deploy/ that render no longer writes"
+    assert rendered - committed_files == set(), (
+        "rendered files missing from deploy/: run openfx-cli k8s render"
+    )
+    for path in sorted(rendered):
+        committed = ROOT / "deploy" / path
+        assert committed.read_text() == (tmp_path / path).read_text(), (
+            f"{committed} is stale: run openfx-cli k8s render"
+        )
     for path in (ROOT / "deploy").rglob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -184,6 +196,9 @@ def test_kubernetes_backend_against_fake_api(cluster, tmp_path: Path) -> None:  
         "info", spec.model_copy(update={"max_replicas": 3, "image": "registry.local/info:1"})
     )
     assert stub.Deploy(request, timeout=30).Msg == b"OK"
+    assert replicas(stub, "info") == (1, 0)  # created: no pod is ready yet
+    fake.pods_ready("info", 1)
+    wait_for(lambda: replicas(stub, "info") == (1, 1), what="the pod ready")
 
     created = {(m, p.split("?")[0].rsplit("/", 1)[-1]): b for m, p, b in fake.requests if m == "POST"}
     deployment = created[("POST", "deployments")]
@@ -202,10 +217,13 @@ def test_kubernetes_backend_against_fake_api(cluster, tmp_path: Path) -> None:  
     assert [m.Output for m in stub.Invokes(iter(frames), timeout=10)] == [reply] * 3
 
     listed = {f.Name: f for f in stub.List(gpb.Empty(), timeout=10).Functions}
-    assert listed["info"].Replicas == 1 and listed["info"].AvailableReplicas == 1
     assert listed["info"].InvocationCount == 4
 
     stub.ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="info", Replicas=4), timeout=10)
+    # the API reports 4 wanted, 1 ready, until the new pods pass their probes
+    wait_for(lambda: replicas(stub, "info") == (4, 1), what="4 wanted, 1 available")
+    fake.pods_ready("info", 4)
+    wait_for(lambda: replicas(stub, "info") == (4, 4), what="4 available")
     assert (
         "PATCH",
         "/apis/apps/v1/namespaces/openfx-fn/deployments/info/scale",
@@ -244,9 +262,19 @@ def test_functions_deployed_elsewhere_are_discovered(cluster) -> None:  # type: 
     for manifest in function_manifests(FunctionDef.from_request(to_request("info", spec))):
         key = (manifest["kind"], "openfx-fn", manifest["metadata"]["name"])
         fake.objects[key] = manifest
+    fake.pods_ready("info", 1)
     stub = gw.stub()
     reply = wait_for(lambda: _invoke(stub, "info"), timeout=20, what="discovery")
     assert reply == b"info|grpc||True"
+    assert wait_for(lambda: replicas(stub, "info") == (1, 1), what="listed as available")
+
+
+def replicas(stub, name: str) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
+    """(wanted, available) as the gateway lists them."""
+    for f in stub.List(gpb.Empty(), timeout=10).Functions:
+        if f.Name == name:
+            return f.Replicas, f.AvailableReplicas
+    return None
 
 
 def _ok(stub) -> bool:  # type: ignore[no-untyped-def]
