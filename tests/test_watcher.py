@@ -234,3 +234,81 @@ def test_async_handler_calls_overlap_in_the_watcher(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_results_become_bytes_and_bad_ones_are_internal() -> None:
+    from openfx.watcher.runtime import to_bytes, to_reply
+
+    assert to_bytes(None) == b"" and to_bytes(b"b") == b"b" and to_bytes("é") == "é".encode()
+    assert to_bytes(bytearray(b"ba")) == b"ba" and to_bytes(memoryview(b"mv")) == b"mv"
+    for bad in (3, 1.5, ["x"], {"a": 1}):
+        with pytest.raises(InvokeError) as err:
+            to_bytes(bad)
+        assert err.value.code == grpc.StatusCode.INTERNAL
+        assert err.value.message == (
+            f"handler returned {type(bad).__name__}; return str, bytes, None or (body, content_type)"
+        )
+    assert to_reply(("<b>", "text/html")) == wpb.Reply(Output=b"<b>", ContentType="text/html")
+    assert to_reply((None, "")) == wpb.Reply()
+    assert to_reply("x") == wpb.Reply(Output=b"x")
+    for bad in ((b"x",), (b"x", b"text/plain"), (b"x", "a", "b")):
+        with pytest.raises(InvokeError) as err:
+            to_reply(bad)
+        assert (err.value.code, err.value.message) == (
+            grpc.StatusCode.INTERNAL,
+            "handler returned a tuple; return (body, content_type: str)",
+        )
+
+
+def test_error_messages_are_one_line_and_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    from openfx.errors import InvokeError as Chosen
+
+    def raising(exc: BaseException):  # type: ignore[no-untyped-def]
+        def handler(req):  # type: ignore[no-untyped-def]
+            raise exc
+
+        return FunctionRuntime("r", handler)
+
+    cases = [
+        (ValueError("  bad\n  input\there  "), grpc.StatusCode.INVALID_ARGUMENT, "bad input here"),
+        (ValueError(""), grpc.StatusCode.INVALID_ARGUMENT, "ValueError"),
+        (KeyError("k"), grpc.StatusCode.INTERNAL, "KeyError: 'k'"),
+        (RuntimeError("x" * 800), grpc.StatusCode.INTERNAL, "RuntimeError: " + "x" * 500),
+        (Chosen(grpc.StatusCode.NOT_FOUND, "its own"), grpc.StatusCode.NOT_FOUND, "its own"),
+    ]
+    for exc, code, message in cases:
+        with pytest.raises(InvokeError) as err:
+            raising(exc).invoke(wpb.Request())
+        assert (err.value.code, err.value.message) == (code, message)
+    with caplog.at_level("ERROR", logger="openfx.watcher"):
+        with pytest.raises(InvokeError):
+            raising(RuntimeError("logged with its traceback")).invoke(wpb.Request())
+    assert "Traceback" in caplog.text and "logged with its traceback" in caplog.text
+
+
+def test_loader_details(tmp_path: Path) -> None:
+    import sys as _sys
+
+    (tmp_path / "helper.py").write_text("VALUE = 'from a sibling module'\n")
+    (tmp_path / "h.py").write_text("import helper\n\ndef Handler(req):\n    return helper.VALUE\n")
+    handler = load_handler(tmp_path / "h.py")
+    assert handler(None) == "from a sibling module"  # the handler's folder is importable
+    assert _sys.path.count(str(tmp_path)) == 1
+    load_handler(tmp_path / "h.py")
+    assert _sys.path.count(str(tmp_path)) == 1  # added once
+    assert "openfx_handler_h" in _sys.modules
+    (tmp_path / "n.py").write_text("Handler = 42\n")
+    with pytest.raises(HandlerLoadError, match=r"^Handler in n.py is a int, not callable$"):
+        load_handler(tmp_path / "n.py")
+    (tmp_path / "empty.py").write_text("X = 1\n_private = print\n")
+    with pytest.raises(HandlerLoadError, match=r"^empty.py should define 'Handler'; found: nothing$"):
+        load_handler(tmp_path / "empty.py")
+    (tmp_path / "two.py").write_text("def b(req): pass\ndef a(req): pass\n")
+    with pytest.raises(HandlerLoadError, match=r"^two.py should define 'Handler'; found: a, b$"):
+        load_handler(tmp_path / "two.py")
+    assert load_handler(tmp_path / "two.py", name="a")(None) is None  # another name
+    (tmp_path / "boom.py").write_text("raise OSError('at import')\n")
+    with pytest.raises(HandlerLoadError, match=r"^importing boom.py failed: OSError: at import$"):
+        load_handler(tmp_path / "boom.py")
+    with pytest.raises(HandlerLoadError, match=r"^handler file not found: "):
+        load_handler(tmp_path)  # a folder is not a handler file
