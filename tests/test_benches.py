@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-BENCHES = ["echo", "functions", "video", "load", "soak", "mqtt", "pyspark", "mnist"]
+BENCHES = ["echo", "functions", "video", "load", "soak", "mqtt", "pyspark", "mnist", "isolation"]
 
 
 @pytest.mark.parametrize("bench", BENCHES)
