@@ -88,3 +88,61 @@ def test_include_then_override_environment(tmp_path: Path) -> None:
     fn = load_stack(stack).functions["f"]
     assert fn.environment == {"A": "1", "B": "3"} and fn.timeout == 5
     assert fn.handler_dir == tmp_path / "fn" / "src"  # relative to the included file
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (30, 30.0),
+        (2.5, 2.5),
+        ("30", 30.0),
+        ("30s", 30.0),
+        (" 1.5 s ", 1.5),
+        ("500ms", 0.5),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        (".5", 0.5),
+    ],
+)
+def test_timeouts_take_go_style_durations(tmp_path: Path, value: object, seconds: float) -> None:
+    import yaml as _yaml
+
+    path = write(tmp_path, _yaml.safe_dump({"functions": {"f": {"handler": {"dir": "."}, "timeout": value}}}))
+    assert load_stack(path).functions["f"].timeout == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "5 minutes", "-1s", "1d", ""])
+def test_bad_durations_say_how_to_write_one(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"functions:\n  f:\n    handler: {{dir: .}}\n    timeout: '{value}'\n")
+    with pytest.raises(ConfigError) as err:
+        load_stack(path)
+    assert "timeout" in str(err.value) and "\n" not in str(err.value)
+    if value not in ("-1s",):
+        assert f"not a duration: {value!r} (use e.g. 30, '30s', '500ms', '2m')" in str(err.value)
+
+
+def test_yaml_errors_name_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "functions:\n  f:\n    handler: [oops\n")
+    with pytest.raises(ConfigError) as err:
+        load_stack(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: line 4 not valid YAML (") and "\n" not in message
+    assert "parse error" not in message  # PyYAML's own problem text
+
+
+def test_environment_files_and_deep_overrides(tmp_path: Path) -> None:
+    fn_dir = tmp_path / "fn"
+    fn_dir.mkdir()
+    (fn_dir / "env.yaml").write_text("environment: {FROM_FILE: 1, SHARED: file}\n")
+    write(
+        fn_dir,
+        "functions:\n  f:\n    handler: {dir: ., file: h.py}\n    environment: {OWN: a}\n"
+        "    environment_file: [env.yaml]\n    limits: {memory: 1G, cpu: '1'}\n",
+    )
+    stack = write(
+        tmp_path, "include: [fn/config.yaml]\nfunctions:\n  f:\n    limits: {memory: 2G}\n", name="stack.yaml"
+    )
+    f = load_stack(stack).functions["f"]
+    assert f.environment == {"OWN": "a", "FROM_FILE": "1", "SHARED": "file"}  # values as strings
+    assert f.handler_file == fn_dir / "h.py"  # the include's folder, its handler file kept
+    assert (f.limits.memory, f.limits.cpu) == ("2G", "1")  # merged key by key, not replaced
