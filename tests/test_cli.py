@@ -13,6 +13,7 @@ import yaml
 from openfx.pb import fxgateway_pb2 as gpb
 from tests.conftest import FIXTURES, READY_FUNCTIONS, ROOT, USER_CONFIG, RunningGateway, free_port
 from tests.mqtt_helpers import Device
+from tests.shared_tmp import shared_tmp
 
 CLI = str(Path(sys.executable).parent / "openfx-cli")
 
@@ -141,6 +142,17 @@ def test_config_file_commands_and_gateway_precedence(gateway: RunningGateway, tm
 
 
 def test_init_run_deploy_call_delete(gateway: RunningGateway, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # replicas run as the function user: a folder it cannot read is refused at deploy, one line
+        out = cli("fn", "init", "private", "--runtime", "python3", cwd=tmp_path)  # tmp_path is 0700
+        out = cli("fn", "deploy", "-f", str(tmp_path / "private/config.yaml"), "-g", gateway.grpc_address)
+        assert out.returncode == 1 and b"function user openfx-fn cannot read" in out.stderr, out.stderr
+        assert out.stderr.count(b"\n") == 1
+    with shared_tmp() as folder:
+        _init_run_deploy_call_delete(gateway, folder)
+
+
+def _init_run_deploy_call_delete(gateway: RunningGateway, tmp_path: Path) -> None:
     out = cli("fn", "init", "hello", "--runtime", "python3", cwd=tmp_path)
     assert out.returncode == 0 and b"Config file written" in out.stdout
     config = tmp_path / "hello" / "config.yaml"

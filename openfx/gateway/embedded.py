@@ -502,6 +502,10 @@ class EmbeddedBackend:
             if problem:
                 raise InvokeError(grpc.StatusCode.FAILED_PRECONDITION, problem)
             self._user_ok = True
+        if self.user is not None:
+            problem = await sandbox.check_source(self.user, folder / definition.handler_file)
+            if problem:
+                raise InvokeError(grpc.StatusCode.FAILED_PRECONDITION, problem)
         if self._monitor is None:
             self._monitor = asyncio.get_running_loop().create_task(self._watch(), name="replica-monitor")
         return enforcement

@@ -104,6 +104,29 @@ async def check_interpreter(user: FunctionUser) -> str:
     )
 
 
+async def check_source(user: FunctionUser, handler_file: Path) -> str:
+    """ "" when `user` can read the handler file and list its folder, else why not (one line): a
+    function folder under a private home (/root is 0700) must be refused at deploy, not crash-loop."""
+    probe = "import os, sys; open(sys.argv[1], 'rb').close(); os.listdir(sys.argv[2])"
+    argv = [sys.executable, "-I", "-S", "-c", probe, str(handler_file), str(handler_file.parent)]
+    process = await asyncio.create_subprocess_exec(
+        *command(argv, user, []),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd="/",
+    )
+    _, err = await process.communicate()
+    if process.returncode == 0:
+        return ""
+    lines = err.decode("utf-8", "replace").strip().splitlines() or [f"exit code {process.returncode}"]
+    return (
+        f"function user {user.name} cannot read {handler_file}: {lines[-1][:200]} "
+        f"(let it read the folder, e.g. setfacl -R -m u:{user.name}:rX plus x on the folders above, "
+        "or deploy from a readable folder)"
+    )
+
+
 class ReplicaDirs:
     """A replica's folder: w.sock, w.grpc.sock, w.lock, tmp/ (fresh each start), home/."""
 
