@@ -307,3 +307,36 @@ def wait_http(gw: RunningGateway) -> None:
         except requests.ConnectionError:
             time.sleep(0.1)
     raise AssertionError(gw.log())
+
+
+def test_the_gateway_log_rotates_under_a_flood_of_function_output(tmp_path: Path) -> None:
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(f"functions:\n  chatter:\n    handler: {{dir: {FIXTURES}/functions/chatter/src}}\n")
+    log_file = tmp_path / "logs" / "gateway.log"
+    gw = start_gateway(
+        stack,
+        tmp_path / "stdout.log",
+        "--log-file",
+        str(log_file),
+        "--log-max-bytes",
+        "20000",
+        "--log-backups",
+        "2",
+    )
+    try:
+        gw.wait_ready(names={"chatter"})
+        for _ in range(3):
+            reply = gw.stub(None).Invoke(
+                gpb.InvokeServiceRequest(Service="chatter", Input=b"2000"), timeout=60
+            )
+            assert reply.Msg == b"2000"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "chatter done" not in log_file.read_text():
+            time.sleep(0.1)  # the last call's output reaches the log after its reply
+        files = sorted(log_file.parent.iterdir())
+        assert [f.name for f in files] == ["gateway.log", "gateway.log.1", "gateway.log.2"]
+        assert all(f.stat().st_size <= 20000 for f in files)  # 6,000 lines (~250 KB) were written
+        assert "chatter done" in log_file.read_text()
+        assert (tmp_path / "stdout.log").stat().st_size < 2000  # nothing floods the process's stderr
+    finally:
+        gw.stop()
