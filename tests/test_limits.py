@@ -223,7 +223,12 @@ def test_a_200000_byte_line_is_captured_cut_and_capture_goes_on(plain: RunningGa
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: call(plain, "chatty", "long 200000", timeout=20), range(12)))
     assert results == [b"printed"] * 12  # none blocked on a full pipe
-    log = plain.stub().GetLog(gpb.FunctionRequest(FunctionName="chatty"), timeout=10).Msg.decode()
+
+    def log_after_all_twelve() -> str | None:  # output is read as it comes: it may trail the replies
+        text = plain.stub().GetLog(gpb.FunctionRequest(FunctionName="chatty"), timeout=10).Msg.decode()
+        return text if text.count("chatty[0]: after the long line") >= 12 else None
+
+    log = eventually(log_after_all_twelve, "the twelve calls' last lines in fn log")
     assert f"chatty[0]: {'x' * 4096}…[cut {200000 - 4096} bytes]" in log
     assert log.count("chatty[0]: after the long line") == 12
     assert "after the long line" in plain.log()  # function output reaches the gateway's log

@@ -64,6 +64,8 @@ class GatewaySettings:
     # embedded replicas: the user they run as when the gateway runs as root ("" = the gateway's own)
     function_user: str | None = None  # None: openfx-fn if it exists, else nobody (only when root)
     log_file: str | None = None  # the gateway's log (rotated); None: stderr
+    timeout_grace: float = 2.0  # a replica holding a call this long past its timeout is recycled
+    cgroups: bool = True  # limits via cgroups where writable; off: RSS watchdog, CPU limits refused
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
 
@@ -147,6 +149,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("OPENFX_FUNCTION_USER"),
         help="user the replicas run as when the gateway runs as root (default openfx-fn, else nobody)",
     )
+    parser.add_argument(
+        "--timeout-grace",
+        type=float,
+        default=float(env("OPENFX_TIMEOUT_GRACE", d.timeout_grace)),
+        help="seconds past a call's timeout before its replica is recycled",
+    )
+    parser.add_argument(
+        "--no-cgroups",
+        dest="cgroups",
+        action="store_false",
+        default=env("OPENFX_CGROUPS", "auto") != "off",
+        help="no cgroups: memory by an RSS watchdog, CPU limits refused (OPENFX_CGROUPS=off)",
+    )
     parser.add_argument("--log-file", default=env("OPENFX_LOG_FILE"), help="write the log here, rotated")
     parser.add_argument(
         "--log-max-bytes", type=int, default=int(env("OPENFX_LOG_MAX_BYTES", d.log_max_bytes))
@@ -176,6 +191,8 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         allowed_origins=tuple(args.allowed_origin),
         function_user=args.function_user,
         log_file=args.log_file,
+        timeout_grace=args.timeout_grace,
+        cgroups=args.cgroups,
         log_max_bytes=args.log_max_bytes,
         log_backups=args.log_backups,
     )
@@ -221,9 +238,9 @@ class Gateway:
                 s.max_message_bytes,
                 s.grace_seconds,
                 function_user=s.function_user,
-                timeout_grace=float(os.environ.get("OPENFX_TIMEOUT_GRACE", "2")),
+                timeout_grace=s.timeout_grace,
                 on_recycle=self.metrics.replica_recycled,
-                cgroups=os.environ.get("OPENFX_CGROUPS", "auto") != "off",  # off: RSS watchdog, no CPU limits
+                cgroups=s.cgroups,
             )
         except ValueError as exc:  # e.g. --function-user names no user
             raise ConfigError(str(exc)) from None
