@@ -356,3 +356,48 @@ def test_start_asks_the_broker_for_a_persistent_session_and_receive_maximum(cloc
     props = kwargs["properties"]
     assert args == ("broker.local", 1884) and kwargs["clean_start"] is False and kwargs["keepalive"] == 30
     assert (props.ReceiveMaximum, props.SessionExpiryInterval) == (9, 77) and loop == ((), {})
+
+
+def test_a_new_bridge_is_wired_and_documents_its_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
+
+    b = Bridge(BridgeConfig(metrics_address=None))
+    b.scheduler.stop()
+    assert isinstance(b.stub, gpb_grpc.FxGatewayStub) and (b.generation, b.stopping) == (0, False)
+    c = b.client
+    assert (c.on_connect, c.on_message, c.on_publish, c.on_subscribe, c.on_disconnect) == (
+        b._on_connect,
+        b._on_message,
+        b._on_publish,
+        b._on_subscribe,
+        b._on_disconnect,
+    )
+    assert c.on_socket_open == Bridge._on_socket_open
+    helps = {
+        line.split()[2]: line.split(maxsplit=3)[3]
+        for line in generate_latest(b.metrics.registry).decode().splitlines()
+        if line.startswith("# HELP ")
+    }
+    assert {k: v for k, v in helps.items() if k.startswith("bridge_") and not k.endswith("_created")} == {
+        "bridge_messages_received_total": "MQTT requests received",
+        "bridge_invocations_total": "Gateway calls by status",
+        "bridge_replies_total": "Replies published and acknowledged",
+        "bridge_retries_total": "Invocations retried",
+        "bridge_dead_letters_total": "Requests sent to the dead-letter topic",
+        "bridge_inflight": "Requests received and not yet acknowledged",
+    }
+    b.channel.close()
+
+
+def test_the_retry_thread_never_keeps_the_process_alive() -> None:
+    import threading
+
+    before = set(threading.enumerate())
+    s = Scheduler()
+    [thread] = set(threading.enumerate()) - before
+    assert thread.daemon and thread.name == "bridge-retries"
+    s.stop()
+    thread.join(5)
+    assert not thread.is_alive()
