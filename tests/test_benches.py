@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-BENCHES = ["echo", "functions", "video", "load", "soak", "mqtt", "pyspark", "mnist", "isolation"]
+BENCHES = ["echo", "functions", "video", "load", "soak", "mqtt", "pyspark", "mnist", "isolation", "guards"]
 
 
 @pytest.mark.parametrize("bench", BENCHES)

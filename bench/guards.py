@@ -1,0 +1,141 @@
+"""What the safety guards cost: echo through the gateway of the tree before them (commit c512509:
+open management, no Host/Origin checks, replicas as root, no cgroups, no recycling monitor) and
+through this tree (all of them on), side by side in one run, alternating A/B rounds.
+
+    .venv/bin/python bench/guards.py [--rounds 3] [--calls 2000] [--seconds 3] [--concurrency 8]
+
+Both gateways run from the same .venv (PYTHONPATH selects the tree) with echo's own config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import grpc
+import uvloop
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import ROOT, Result, free_port, measure, parse_args  # noqa: E402
+
+from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
+from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
+
+BEFORE = "c512509"  # the last commit before the isolation and safety work (issue #12)
+PAYLOAD = b"x" * 100
+
+
+class Gateway:
+    """`python -m openfx.gateway` from `tree`, serving echo."""
+
+    def __init__(self, tree: Path, tmp: Path, label: str) -> None:
+        self.label = label
+        self.grpc, self.http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        stack = tmp / f"{label}.yaml"
+        stack.write_text(
+            f"include: [{tree}/functions/echo/config.yaml]\nfunctions:\n  echo:\n    max_inflight: 1000\n"
+        )
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        env.pop("OPENFX_TOKEN", None)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "openfx.gateway",
+                "-f",
+                str(stack),
+                "--grpc",
+                self.grpc,
+                "--http",
+                self.http,
+            ],
+            env=env,
+            cwd=tree,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / f"{label}.log", "wb"),  # noqa: SIM115 (lives as long as the gateway)
+        )
+        stub = gpb_grpc.FxGatewayStub(grpc.insecure_channel(self.grpc))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if stub.Invoke(gpb.InvokeServiceRequest(Service="echo", Input=b"x"), timeout=2).Msg == b"x":
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+        raise SystemExit(f"{label} gateway did not serve echo; see {tmp / f'{label}.log'}")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+async def round_of(gw: Gateway, args: argparse.Namespace) -> tuple[Result, Result]:
+    async with grpc.aio.insecure_channel(gw.grpc) as channel:
+        stub = gpb_grpc.FxGatewayStub(channel)
+        request = gpb.InvokeServiceRequest(Service="echo", Input=PAYLOAD)
+
+        async def via_grpc() -> object:
+            return await stub.Invoke(request)
+
+        grpc_row = await measure(f"{gw.label} gRPC", via_grpc, args.calls, args.concurrency, args.seconds)
+    async with aiohttp.ClientSession() as session:
+        url = f"http://{gw.http}/function/echo"
+
+        async def via_http() -> object:
+            async with session.post(url, data=PAYLOAD) as r:
+                return await r.read()
+
+        http_row = await measure(f"{gw.label} HTTP", via_http, args.calls, args.concurrency, args.seconds)
+    return grpc_row, http_row
+
+
+async def main(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="openfx-guards-"))
+    base = tmp / "before"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(base), BEFORE], check=True
+    )
+    gateways = []
+    try:
+        gateways = [Gateway(base, tmp, "before"), Gateway(ROOT, tmp, "after")]
+        rows: dict[str, list[Result]] = {}
+        for i in range(args.rounds):
+            for gw in gateways if i % 2 == 0 else reversed(gateways):
+                for row in await round_of(gw, args):
+                    rows.setdefault(row.name, []).append(row)
+                    print(
+                        f"  round {i + 1}: {row.name}: p50 {row.p50_us:.0f} µs, {row.rps_n:,.0f} req/s",
+                        flush=True,
+                    )
+    finally:
+        for gw in gateways:
+            gw.close()
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    rounds = f"median of {args.rounds} alternating rounds, c={args.concurrency}"
+    print(f"\necho, {len(PAYLOAD)}-byte payload, {rounds}")
+    print("| path | before p50 µs | after p50 µs | p50 after/before | before req/s | after req/s | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for path in ("gRPC", "HTTP"):
+        b, a = rows[f"before {path}"], rows[f"after {path}"]
+        bp, ap = statistics.median(r.p50_us for r in b), statistics.median(r.p50_us for r in a)
+        br, ar = statistics.median(r.rps_n for r in b), statistics.median(r.rps_n for r in a)
+        print(f"| {path} | {bp:,.0f} | {ap:,.0f} | {ap / bp:.3f}x | {br:,.0f} | {ar:,.0f} | {ar / br:.3f}x |")
+    print(f"({os.cpu_count()} cores, Python {sys.version.split()[0]}, running as uid {os.geteuid()})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=3)
+    parser.add_argument("--concurrency", type=int, default=8)
+    uvloop.run(main(parse_args(parser, rounds=1, calls=20, seconds=0.2)))
