@@ -401,3 +401,17 @@ def test_the_retry_thread_never_keeps_the_process_alive() -> None:
     s.stop()
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_start_serves_metrics_on_the_configured_address(clock: list[float]) -> None:
+    import requests
+
+    from tests.conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    b, _, _ = make(clock, Stub(b"x"), metrics_address=address)
+    b.client = SimpleNamespace(connect_async=lambda *a, **k: None, loop_start=lambda: None)  # type: ignore[assignment]
+    b.start()
+    b.metrics.received.inc(3)
+    text = requests.get(f"http://{address}/metrics", timeout=10).text
+    assert "bridge_messages_received_total 3.0" in text and "bridge_inflight 0.0" in text
