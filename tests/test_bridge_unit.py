@@ -99,7 +99,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 def make(clock: list[float], stub: Stub, **config: object) -> tuple[Bridge, Client, Later]:
-    b = Bridge(BridgeConfig(metrics_address=None, **config))  # type: ignore[arg-type]
+    b = Bridge(BridgeConfig(**{"metrics_address": None, **config}))  # type: ignore[arg-type]
     b.scheduler.stop()
     b.scheduler = Later(clock)  # type: ignore[assignment]
     b.client = Client()  # type: ignore[assignment]
