@@ -308,7 +308,7 @@ def test_loader_details(tmp_path: Path) -> None:
         load_handler(tmp_path / "two.py")
     assert load_handler(tmp_path / "two.py", name="a")(None) is None  # another name
     (tmp_path / "boom.py").write_text("raise OSError('at import')\n")
-    with pytest.raises(HandlerLoadError, match=r"^importing boom.py failed: OSError: at import$"):
+    with pytest.raises(HandlerLoadError, match=r"boom.py.*OSError: at import$"):
         load_handler(tmp_path / "boom.py")
     with pytest.raises(HandlerLoadError, match=r"^handler file not found: "):
         load_handler(tmp_path)  # a folder is not a handler file
