@@ -3,6 +3,7 @@ documented code, and its logger writes to the function's log."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,3 +59,39 @@ def test_statuses_and_log_through_the_gateway(author: RunningGateway, tmp_path: 
     assert stub.Invoke(gpb.InvokeServiceRequest(Service="author", Input=b"ok"), timeout=10).Msg == b"fine: ok"
     log = stub.GetLog(gpb.FunctionRequest(FunctionName="author"), timeout=10).Msg.decode()
     assert "author got 'ok'" in log and "author got 'later'" in log
+
+
+def test_load_failures_are_named_with_the_users_line(tmp_path: Path) -> None:
+    """fn info / fn list show what kind of load failure it is and where in the user's code, from the
+    watcher's own report (not from grepping its output)."""
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(
+        "functions:\n"
+        + "".join(
+            f"  {name}:\n    handler: {{dir: {FIXTURES}/functions/{name}/src}}\n"
+            for name in ("badsyntax", "badinit", "badimport")
+        )
+    )
+    gw = start_gateway(stack, tmp_path / "gateway.log")
+    expected = {
+        "badsyntax": "cannot load the handler: syntax error: handler.py:1: expected ':'",
+        "badinit": "cannot load the handler: init failed: Handler.__init__ failed: "
+        "FileNotFoundError: model.bin is missing (at handler.py:6)",
+        "badimport": "cannot load the handler: import failed: handler.py:1: ModuleNotFoundError",
+    }
+    try:
+        deadline = time.monotonic() + 60
+        errors: dict[str, str] = {}
+        while time.monotonic() < deadline and len(errors) < 3:
+            try:
+                for fn in gw.stub().List(gpb.Empty(), timeout=5).Functions:
+                    if fn.Annotations.get("openfx.error"):
+                        errors[fn.Name] = fn.Annotations["openfx.error"]
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        for name, text in expected.items():
+            assert text in errors.get(name, ""), (name, errors.get(name))
+            assert "Traceback" not in errors[name] and "openfx/" not in errors[name]
+    finally:
+        gw.stop()

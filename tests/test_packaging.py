@@ -14,9 +14,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_wheel_carries_package_data_and_fn_build_works_from_it(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
     built = subprocess.run(
@@ -75,3 +74,37 @@ def test_wheel_carries_package_data_and_fn_build_works_from_it(tmp_path: Path) -
     assert build.returncode == 0, build.stderr
     assert (work / "out" / "fn" / "Dockerfile").is_file()
     assert (work / "out" / "fn" / "openfx" / "watcher" / "server.py").is_file()
+
+
+@pytest.mark.parametrize("module", ["openfx.watcher.server", "openfx.watcher.probe", "openfx.fn"])
+def test_an_image_build_context_carries_all_the_watcher_imports(tmp_path: Path, module: str) -> None:
+    """The image holds only the watcher's part of the package: every module it imports must be there."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "openfx.cli.main",
+            "fn",
+            "build",
+            "-f",
+            "functions/echo/config.yaml",
+            "-o",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    context = tmp_path / "echo"
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import {module}, openfx; print(openfx.__file__)"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(context)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip().startswith(str(context))

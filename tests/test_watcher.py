@@ -192,7 +192,7 @@ def test_load_failure_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     proc, _, _ = start_watcher(tmp_path, "badimport")
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 3
-    assert b"badimport: handler failed to load: importing handler.py failed: ModuleNotFoundError" in err
+    assert b"badimport: handler failed to load: import failed: handler.py:1: ModuleNotFoundError" in err
 
 
 def test_async_handlers_run_on_the_loop_with_the_same_statuses() -> None:

@@ -16,7 +16,18 @@ from openfx import runtimes
 from openfx.config import FunctionSpec
 
 # The runtime a watcher process needs inside the image, relative to the openfx package.
-WATCHER_RUNTIME = ("__init__.py", "errors.py", "fn.py", "framing.py", "parent.py", "pb", "watcher")
+WATCHER_RUNTIME = (
+    "__init__.py",
+    "defaults.py",
+    "errors.py",
+    "fn.py",
+    "framing.py",
+    "parent.py",
+    "procgroup.py",
+    "readiness.py",
+    "pb",
+    "watcher",
+)
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".venv", ".pytest_cache", "build")
 
 

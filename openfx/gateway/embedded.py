@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from openfx import parent, procgroup
+from openfx import parent, procgroup, readiness
 from openfx.deployment import FunctionDef
 from openfx.errors import InvokeError, not_found
 from openfx.gateway import sandbox
@@ -42,6 +41,7 @@ from openfx.gateway.limits import Enforcement, decide
 from openfx.gateway.logs import LineCutter, RecentOutput
 from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
+from openfx.watcher.server import WatcherSettings
 
 log = logging.getLogger("openfx.gateway")
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -53,7 +53,6 @@ HEALTHY_RESET = 30.0  # a replica that ran this long starts its backoff afresh
 TIMEOUT_GRACE = 2.0  # a call this long past the function's timeout gets its replica recycled
 MONITOR_INTERVAL = 0.2
 WATCHER_THREADS = 16  # the watcher's default pool (WATCHER_THREADS)
-_ERROR_WORDS = ("error", "traceback")
 
 
 class Replica:
@@ -75,6 +74,7 @@ class Replica:
         self.grpc_address = self.dirs.grpc_address
         self.framed_path = self.dirs.framed_socket
         self.lock_path = self.dirs.lock_file
+        self.failed_path = self.lock_path + ".failed"  # WatcherSettings.failed_file
         self.max_message_bytes = max_message_bytes
         self.process: asyncio.subprocess.Process | None = None
         self.framed: FramedClient | None = None
@@ -119,19 +119,20 @@ class Replica:
     def _environment(self) -> dict[str, str]:
         fn = self.fn.definition
         assert fn.handler_dir is not None
+        settings = WatcherSettings.from_env(fn.env)  # a function may tune threads and grace
+        settings.handler_file = str(fn.handler_dir / fn.handler_file)
+        settings.handler_name = fn.handler_name
+        settings.function_name = fn.name
+        settings.address = self.grpc_address
+        settings.socket_path = self.framed_path
+        settings.lock_file = self.lock_path
+        settings.max_message_bytes = self.max_message_bytes
         return {
             **sandbox.base_environment(),
             **self.dirs.environment(),
             **fn.env,
-            "FUNCTION_NAME": fn.name,
+            **settings.to_env(),
             "HANDLER_DIR": str(fn.handler_dir.parent),
-            "HANDLER_FILE": str(fn.handler_dir / fn.handler_file),
-            "HANDLER_NAME": fn.handler_name,
-            "WATCHER_ADDR": self.grpc_address,
-            "WATCHER_SOCKET": self.framed_path,
-            "LOCK_FILE": self.lock_path,
-            "MAX_MESSAGE_BYTES": str(self.max_message_bytes),
-            "PYTHONUNBUFFERED": "1",
             "WATCHER_LOG_PREFIX": "0",
             parent.ENV: "1",
             procgroup.ENV: "1",
@@ -144,6 +145,8 @@ class Replica:
         self.recycled = None
         self.errors_this_run = 0
         self.dirs.prepare()
+        for stale in (self.lock_path, self.failed_path):  # a killed watcher leaves its files behind
+            readiness.clear(stale)
         self.cgroup = self.backend.make_cgroup(f"{fn.name}-{self.index}-{self.runs}", self.fn.enforcement)
         procs = [str(folder / "cgroup.procs") for folder in self.cgroup.folders] if self.cgroup else []
         argv = sandbox.command([sys.executable, "-m", "openfx.watcher"], self.backend.user, procs)
@@ -196,8 +199,20 @@ class Replica:
             cgroup.remove()
 
     async def _wait_ready(self) -> bool:
-        """Poll gRPC health until SERVING; False if the process exits first."""
+        """Wait for the watcher's lock file (its ready file) and connect; False if the process ends
+        first, having said why in its failure file when the handler did not load."""
         assert self.process is not None
+        process = self.process
+
+        def alive() -> bool:
+            return process.returncode is None and not self.stopping and self.recycled is None
+
+        if await readiness.wait_async(self.lock_path, alive, float("inf")) is None or not alive():
+            failure = readiness.read(self.failed_path)
+            if failure:
+                self.fn.note(f"{self.label}: cannot load the handler: {failure}", error=True)
+                self.errors_this_run += 1
+            return False
         self.channel = grpc.aio.insecure_channel(
             self.grpc_address,
             options=[
@@ -205,22 +220,16 @@ class Replica:
                 ("grpc.max_send_message_length", self.max_message_bytes),
             ],
         )
-        health = health_pb2_grpc.HealthStub(self.channel)
-        while self.process.returncode is None and not self.stopping and self.recycled is None:
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    self.stub = wpb_grpc.FxWatcherStub(self.channel)
-                    framed = FramedClient(
-                        self.framed_path, self.label, self.max_message_bytes, lost_error=self._lost_error
-                    )
-                    await framed.connect()
-                    self.framed = framed
-                    return True
-            except (grpc.aio.AioRpcError, OSError):
-                pass
-            await asyncio.sleep(0.05)
-        return False
+        self.stub = wpb_grpc.FxWatcherStub(self.channel)
+        framed = FramedClient(
+            self.framed_path, self.label, self.max_message_bytes, lost_error=self._lost_error
+        )
+        try:
+            await framed.connect()
+        except OSError:
+            return False
+        self.framed = framed
+        return True
 
     async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
         """Every line of output, of any length (long ones cut), read as fast as it comes."""
@@ -234,9 +243,7 @@ class Replica:
                 return
 
     def _output(self, line: str) -> None:
-        error = any(word in line.lower() for word in _ERROR_WORDS)
-        self.errors_this_run += error
-        self.fn.note(f"{self.label}: {line}", error=error)
+        self.fn.note(f"{self.label}: {line}")
 
     async def _disconnect(self) -> None:
         if self.framed is not None:

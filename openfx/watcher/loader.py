@@ -4,6 +4,9 @@ A function author writes either `def Handler(req)` or `class Handler` whose
 `__init__()` runs once (load a model) and whose instance is called per request.
 Loading uses importlib (OpenFx's `imp` is gone in Python 3.12) and puts the
 handler's folder on `sys.path` so sibling modules import as they would in a container.
+
+A failure says which kind it is (`HandlerLoadError.kind`) and points at the user's own code
+(file and line), never at the platform's frames: that is what `fn info` and `fn list` show.
 """
 
 from __future__ import annotations
@@ -11,43 +14,83 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HandlerFn = Callable[[Any], Any]
 
+# the kinds of load failure, as `fn info` names them
+FILE_MISSING = "handler file missing"
+SYNTAX_ERROR = "syntax error"
+IMPORT_ERROR = "import failed"
+NOT_FOUND = "handler not found"
+NOT_CALLABLE = "handler not callable"
+INIT_FAILED = "init failed"
+
 
 class HandlerLoadError(Exception):
     """The handler file is missing, fails to import, or lacks the named callable."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _where(exc: BaseException, folder: Path, default: str) -> str:
+    """'file.py:12': the innermost frame in the user's folder (the platform's frames are noise)."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if Path(f.filename).resolve().is_relative_to(folder)
+    ]
+    if not frames:
+        return default
+    frame = frames[-1]
+    return f"{Path(frame.filename).resolve().relative_to(folder)}:{frame.lineno}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def load_handler(file: str | Path, name: str = "Handler") -> HandlerFn:
     """Import `file` and return a per-request callable (instantiating a class once)."""
     path = Path(file).resolve()
     if not path.is_file():
-        raise HandlerLoadError(f"handler file not found: {path}")
-    folder = str(path.parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+        raise HandlerLoadError(FILE_MISSING, f"handler file not found: {path}")
+    folder = path.parent
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location(f"openfx_handler_{path.stem}", path)
     if spec is None or spec.loader is None:
-        raise HandlerLoadError(f"cannot import {path}")
+        raise HandlerLoadError(IMPORT_ERROR, f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        where = Path(exc.filename or path).name
+        raise HandlerLoadError(SYNTAX_ERROR, f"{where}:{exc.lineno}: {exc.msg}") from exc
     except Exception as exc:
-        raise HandlerLoadError(f"importing {path.name} failed: {type(exc).__name__}: {exc}") from exc
+        raise HandlerLoadError(IMPORT_ERROR, f"{_where(exc, folder, path.name)}: {_describe(exc)}") from exc
     target = getattr(module, name, None)
     if target is None:
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise HandlerLoadError(f"{path.name} should define {name!r}; found: {', '.join(found) or 'nothing'}")
+        message = f"{path.name} should define {name!r}; found: {', '.join(found) or 'nothing'}"
+        raise HandlerLoadError(NOT_FOUND, message)
     if inspect.isclass(target):
         try:
             return target()
         except Exception as exc:
-            raise HandlerLoadError(f"{name}.__init__ failed: {type(exc).__name__}: {exc}") from exc
+            where = _where(exc, folder, path.name)
+            raise HandlerLoadError(
+                INIT_FAILED, f"{name}.__init__ failed: {_describe(exc)} (at {where})"
+            ) from exc
     if not callable(target):
-        raise HandlerLoadError(f"{name} in {path.name} is a {type(target).__name__}, not callable")
+        raise HandlerLoadError(
+            NOT_CALLABLE, f"{name} in {path.name} is a {type(target).__name__}, not callable"
+        )
     return target

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from openfx import framing, procgroup
+from openfx import defaults, framing, procgroup, readiness
 from openfx.errors import InvokeError
 from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
@@ -43,30 +43,54 @@ class WatcherSettings:
     handler_file: str = "/openfx/handler/src/handler.py"
     handler_name: str = "Handler"
     function_name: str = ""
-    address: str = "0.0.0.0:50051"
+    address: str = f"0.0.0.0:{defaults.WATCHER_PORT}"
     socket_path: str = ""  # framed hop for the embedded gateway; off when empty
     lock_file: str = "/tmp/.lock"
     threads: int = 16
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
     grace_seconds: float = 30.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> WatcherSettings:
         env = dict(os.environ if env is None else env)
+        d = cls()
         handler_dir = env.get("HANDLER_DIR", "/openfx/handler")
-        port = env.get("WATCHER_PORT", "50051")
+        port = env.get("WATCHER_PORT", str(defaults.WATCHER_PORT))
         return cls(
             handler_file=env.get("HANDLER_FILE", f"{handler_dir}/src/handler.py"),
-            handler_name=env.get("HANDLER_NAME", "Handler"),
-            function_name=env.get("FUNCTION_NAME", ""),
+            handler_name=env.get("HANDLER_NAME", d.handler_name),
+            function_name=env.get("FUNCTION_NAME", d.function_name),
             address=env.get("WATCHER_ADDR", f"0.0.0.0:{port}"),
-            socket_path=env.get("WATCHER_SOCKET", ""),
-            lock_file=env.get("LOCK_FILE", "/tmp/.lock"),
-            threads=int(env.get("WATCHER_THREADS", "16")),
-            max_message_bytes=int(env.get("MAX_MESSAGE_BYTES", str(64 * 1024 * 1024))),
-            grace_seconds=float(env.get("WATCHER_GRACE_SECONDS", "30")),
+            socket_path=env.get("WATCHER_SOCKET", d.socket_path),
+            lock_file=env.get("LOCK_FILE", d.lock_file),
+            threads=int(env.get("WATCHER_THREADS", d.threads)),
+            max_message_bytes=int(env.get("MAX_MESSAGE_BYTES", d.max_message_bytes)),
+            grace_seconds=float(env.get("WATCHER_GRACE_SECONDS", d.grace_seconds)),
         )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes `python -m openfx.watcher` read these settings back: the one
+        place a watcher's launch is described (the embedded backend, `fn run`, benches, tests)."""
+        env = {
+            "HANDLER_FILE": self.handler_file,
+            "HANDLER_NAME": self.handler_name,
+            "FUNCTION_NAME": self.function_name,
+            "WATCHER_ADDR": self.address,
+            "LOCK_FILE": self.lock_file,
+            "WATCHER_THREADS": str(self.threads),
+            "MAX_MESSAGE_BYTES": str(self.max_message_bytes),
+            "WATCHER_GRACE_SECONDS": repr(self.grace_seconds),
+            "PYTHONUNBUFFERED": "1",
+        }
+        if self.socket_path:
+            env["WATCHER_SOCKET"] = self.socket_path
+        return env
+
+    @property
+    def failed_file(self) -> str:
+        """Beside the lock file: why the handler did not load (`<kind>: <message>`)."""
+        return self.lock_file + ".failed"
 
 
 class Watcher:
@@ -138,12 +162,13 @@ class Watcher:
         try:
             handler = await loop.run_in_executor(None, load_handler, s.handler_file, s.handler_name)
         except HandlerLoadError as exc:
-            self.load_error = str(exc)
-            log.error("handler failed to load: %s", exc)
+            self.load_error = f"{exc.kind}: {exc}"
+            log.error("handler failed to load: %s", self.load_error)
+            readiness.mark_ready(s.failed_file, self.load_error)  # what the supervisor shows
             self.ready.set()
             return
         self.runtime = FunctionRuntime(self.name, handler)
-        Path(s.lock_file).touch(mode=0o660)
+        readiness.mark_ready(s.lock_file)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready")
         self.ready.set()
