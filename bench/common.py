@@ -19,6 +19,7 @@ import grpc
 from openfx.config import load_stack
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
+from openfx.watcher.server import WatcherSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,14 +132,13 @@ class Platform:
         self.watchers: dict[str, str] = {}
         for fn in functions:
             address = f"127.0.0.1:{free_port()}"
-            env = {
-                **os.environ,
-                **specs[fn].environment,
-                "HANDLER_FILE": f"{ROOT}/functions/{fn}/src/handler.py",
-                "WATCHER_ADDR": address,
-                "LOCK_FILE": str(self.tmp / f"{fn}.lock"),
-                "FUNCTION_NAME": fn,
-            }
+            settings = WatcherSettings(
+                handler_file=f"{ROOT}/functions/{fn}/src/handler.py",
+                function_name=fn,
+                address=address,
+                lock_file=str(self.tmp / f"{fn}.lock"),
+            )
+            env = {**os.environ, **specs[fn].environment, **settings.to_env()}
             self.procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "openfx.watcher"],

@@ -22,6 +22,7 @@ from openfx.config import load_stack
 from openfx.deployment import FunctionDef, to_request
 from openfx.k8s.manifests import function_manifests, platform_manifests
 from openfx.pb import fxgateway_pb2 as gpb
+from openfx.watcher.server import WatcherSettings
 from tests.conftest import FIXTURES, ROOT, RunningGateway, free_port, start_gateway
 from tests.fake_k8s import FakeKubernetes
 
@@ -159,10 +160,12 @@ def cluster(tmp_path: Path) -> Iterator[tuple[RunningGateway, FakeKubernetes, su
         [sys.executable, "-m", "openfx.watcher"],
         env={
             **os.environ,
-            "HANDLER_FILE": str(FIXTURES / "functions/info/src/handler.py"),
-            "WATCHER_ADDR": f"127.0.0.1:{watcher_port}",
-            "LOCK_FILE": str(tmp_path / "lock"),
-            "FUNCTION_NAME": "info",
+            **WatcherSettings(
+                handler_file=str(FIXTURES / "functions/info/src/handler.py"),
+                function_name="info",
+                address=f"127.0.0.1:{watcher_port}",
+                lock_file=str(tmp_path / "lock"),
+            ).to_env(),
         },
     )
     gw = start_gateway(

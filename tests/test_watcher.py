@@ -18,6 +18,7 @@ from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
 from openfx.watcher.loader import HandlerLoadError, load_handler
 from openfx.watcher.runtime import FunctionRuntime
+from openfx.watcher.server import WatcherSettings
 from tests.conftest import FIXTURES, free_port
 
 FN = FIXTURES / "functions"
@@ -70,13 +71,10 @@ def start_watcher(
     address = f"127.0.0.1:{free_port()}"
     lock = tmp_path / f"{function}.lock"
     handler = handler or FN / function / "src/handler.py"
-    env = {
-        **os.environ,
-        "HANDLER_FILE": str(handler),
-        "WATCHER_ADDR": address,
-        "LOCK_FILE": str(lock),
-        "FUNCTION_NAME": function,
-    }
+    settings = WatcherSettings(
+        handler_file=str(handler), function_name=function, address=address, lock_file=str(lock)
+    )
+    env = {**os.environ, **settings.to_env()}
     proc = subprocess.Popen([sys.executable, "-m", "openfx.watcher"], env=env, stderr=subprocess.PIPE)
     return proc, address, lock
 

@@ -7,16 +7,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from openfx import readiness
 from openfx.config import FunctionSpec
 from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
+from openfx.watcher.server import WatcherSettings
 
 
 def _free_port() -> int:
@@ -30,41 +30,24 @@ def run_once(name: str, spec: FunctionSpec, payload: bytes, timeout: float) -> b
         raise click.ClickException(f"handler not found: {spec.handler_file}")
     address = f"127.0.0.1:{_free_port()}"
     with tempfile.TemporaryDirectory(prefix="openfx-run-") as tmp:
-        env = {
-            **os.environ,
-            **spec.environment,
-            "FUNCTION_NAME": name,
-            "HANDLER_FILE": str(spec.handler_file),
-            "HANDLER_NAME": spec.handler.name,
-            "WATCHER_ADDR": address,
-            "LOCK_FILE": str(Path(tmp) / "lock"),
-            "PYTHONUNBUFFERED": "1",
-        }
+        settings = WatcherSettings.from_env(spec.environment)
+        settings.handler_file = str(spec.handler_file)
+        settings.handler_name = spec.handler.name
+        settings.function_name = name
+        settings.address = address
+        settings.lock_file = str(Path(tmp) / "lock")
         proc = subprocess.Popen(
             [sys.executable, "-m", "openfx.watcher"],
-            env=env,
+            env={**os.environ, **spec.environment, **settings.to_env()},
             cwd=spec.source_dir,
             stdout=sys.stderr,
             stderr=sys.stderr,
         )
         try:
             with grpc.insecure_channel(address) as channel:
-                deadline = time.monotonic() + timeout
-                health = health_pb2_grpc.HealthStub(channel)
-                while True:
-                    if proc.poll() is not None:
-                        raise click.ClickException(
-                            f"{name} exited with code {proc.returncode} before it was ready"
-                        )
-                    if time.monotonic() > deadline:
-                        raise click.ClickException(f"{name} was not ready after {timeout:g}s")
-                    try:
-                        reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            break
-                    except grpc.RpcError:
-                        pass
-                    time.sleep(0.05)
+                if readiness.wait(settings.lock_file, lambda: proc.poll() is None, timeout) is None:
+                    why = readiness.read(settings.failed_file) or f"not ready after {timeout:g}s"
+                    raise click.ClickException(f"{name} did not start: {why}")
                 request = wpb.Request(
                     input=payload, info=wpb.Info(FunctionName=name, Trigger=wpb.Trigger(Name="grpc"))
                 )
