@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from openfx.config import load_stack
-from openfx.deployment import FunctionDef, to_request
+from openfx.function_def import FunctionDef, to_request
 from openfx.k8s.manifests import function_manifests, platform_manifests
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.watcher.server import WatcherSettings

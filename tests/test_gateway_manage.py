@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from openfx.config import load_stack
-from openfx.deployment import to_request
+from openfx.function_def import to_request
 from openfx.pb import fxgateway_pb2 as gpb
 from tests.conftest import ADMIN_HEADERS, FIXTURES, RunningGateway
 
@@ -268,7 +268,7 @@ def test_restart_backoff_caps_and_resets_after_a_healthy_run(monkeypatch: pytest
     monkeypatch.setattr(embedded.asyncio, "sleep", fake_sleep)
     notes: list[str] = []
     fn = SimpleNamespace(name="f", note=notes.append)
-    replica = embedded.Replica(fn, 0, Path("/nonexistent"), 1024)  # type: ignore[arg-type]
+    replica = embedded.LocalReplica(fn, 0, Path("/nonexistent"), 1024)  # type: ignore[arg-type]
 
     async def run_once() -> None:
         lived = next(runs, None)

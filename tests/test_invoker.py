@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from openfx.deployment import FunctionDef
 from openfx.errors import InvokeError, not_found
+from openfx.function_def import FunctionDef
 from openfx.gateway.invoker import Invoker, watcher_request
 from openfx.gateway.metrics import GatewayMetrics
 from openfx.pb import fxwatcher_pb2 as wpb

@@ -5,6 +5,7 @@ broker's config. Built and installed into a scratch folder, then used with no re
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,8 +19,14 @@ from tests.conftest import ROOT
 @pytest.mark.slow
 def test_wheel_carries_package_data_and_fn_build_works_from_it(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
+    source = tmp_path / "source"  # setuptools writes build/ into the tree it builds: not ours
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for name in files.stdout.splitlines():
+        if (ROOT / name).exists() or (ROOT / name).is_symlink():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name, follow_symlinks=False)
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -15,7 +15,7 @@ from openfx.cli.aliases import AliasGroup
 from openfx.cli.gateway_client import Gateway, resolve_gateway
 from openfx.cli.token import configured_token_file, read_token
 from openfx.config import NAME_RE, ConfigError, StackFile, load_stack
-from openfx.deployment import to_request
+from openfx.function_def import to_request
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.state import state_dir
 

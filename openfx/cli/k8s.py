@@ -9,7 +9,7 @@ import click
 import yaml
 
 from openfx.config import ConfigError, load_stack
-from openfx.deployment import FunctionDef, to_request
+from openfx.function_def import FunctionDef, to_request
 from openfx.k8s.manifests import FUNCTION_NAMESPACE, GATEWAY_IMAGE, function_manifests, platform_manifests
 from openfx.k8s.observability import grafana_dashboard, prometheus_config
 

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from openfx import defaults
 from openfx.config import ConfigError, StackFile
-from openfx.deployment import FunctionDef, to_request
+from openfx.function_def import FunctionDef, to_request
 from openfx.gateway.auth import ANY, INVOKE, MANAGE, AuthInterceptor, TokenStore, is_loopback
 from openfx.gateway.embedded import EmbeddedBackend
 from openfx.gateway.grpc_api import GatewayServicer

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from openfx.deployment import FunctionDef
+from openfx.function_def import FunctionDef
 from openfx.pb import fxwatcher_pb2 as wpb
 
 

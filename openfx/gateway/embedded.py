@@ -32,8 +32,8 @@ from pathlib import Path
 import grpc
 
 from openfx import parent, procgroup, readiness
-from openfx.deployment import FunctionDef
 from openfx.errors import InvokeError, not_found
+from openfx.function_def import FunctionDef
 from openfx.gateway import sandbox
 from openfx.gateway.cgroups import Cgroups, ReplicaCgroup
 from openfx.gateway.framed_client import FramedClient
@@ -55,12 +55,12 @@ MONITOR_INTERVAL = 0.2
 WATCHER_THREADS = 16  # the watcher's default pool (WATCHER_THREADS)
 
 
-class Replica:
+class LocalReplica:
     """One watcher process and the connections to it."""
 
     def __init__(
         self,
-        fn: Function,
+        fn: LocalFunction,
         index: int,
         run_dir: Path,
         max_message_bytes: int,
@@ -351,14 +351,14 @@ class Replica:
 
 
 @dataclass
-class Function:
+class LocalFunction:
     """A deployed function: its definition, replicas, counters and recent output."""
 
     definition: FunctionDef
     run_dir: Path
     max_message_bytes: int
     on_gauge: object = None
-    replicas: list[Replica] = field(default_factory=list)
+    replicas: list[LocalReplica] = field(default_factory=list)
     invocations: int = 0
     in_flight: int = 0
     last_error: str = ""
@@ -402,10 +402,12 @@ class Function:
     def desired(self) -> int:
         return len(self.replicas)
 
-    def scale_to(self, count: int) -> list[Replica]:
+    def scale_to(self, count: int) -> list[LocalReplica]:
         """Start replicas up to `count`; return the ones to stop (newest first)."""
         while len(self.replicas) < count:
-            replica = Replica(self, len(self.replicas), self.run_dir, self.max_message_bytes, self.backend)
+            replica = LocalReplica(
+                self, len(self.replicas), self.run_dir, self.max_message_bytes, self.backend
+            )
             self.replicas.append(replica)
             replica.start()
         surplus = self.replicas[count:]
@@ -414,7 +416,7 @@ class Function:
         self.update_gauge()
         return surplus
 
-    def pick(self) -> Replica:
+    def pick(self) -> LocalReplica:
         """The ready replica with the fewest calls in flight (round robin among equals)."""
         ready = [r for r in self.replicas if r.ready]
         if not ready:
@@ -454,7 +456,7 @@ class EmbeddedBackend:
         self.timeout_grace = timeout_grace
         self._on_recycle = on_recycle
         self.cgroups = Cgroups.detect() if cgroups is True else (cgroups or None)
-        self.functions: dict[str, Function] = {}
+        self.functions: dict[str, LocalFunction] = {}
         self.on_gauge: object = None
         self._user_ok = self.user is None
         self._monitor: asyncio.Task[None] | None = None
@@ -482,7 +484,7 @@ class EmbeddedBackend:
             cgroup.set_cpu(enforcement.cpu_cores)
         return cgroup
 
-    def get(self, name: str) -> Function:
+    def get(self, name: str) -> LocalFunction:
         fn = self.functions.get(name)
         if fn is None:
             raise not_found(name)
@@ -517,8 +519,8 @@ class EmbeddedBackend:
             self._monitor = asyncio.get_running_loop().create_task(self._watch(), name="replica-monitor")
         return enforcement
 
-    def _function(self, definition: FunctionDef, enforcement: Enforcement, **kept: object) -> Function:
-        return Function(
+    def _function(self, definition: FunctionDef, enforcement: Enforcement, **kept: object) -> LocalFunction:
+        return LocalFunction(
             definition,
             self.replicas_root,
             self.max_message_bytes,

@@ -22,8 +22,8 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
-from openfx.deployment import FunctionDef
 from openfx.errors import InvokeError, not_found
+from openfx.function_def import FunctionDef
 from openfx.k8s.manifests import FUNCTION_NAMESPACE, LABEL, function_manifests
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxwatcher_pb2 as wpb

@@ -10,8 +10,8 @@ import grpc
 import yaml
 
 from openfx import __version__
-from openfx.deployment import FunctionDef
 from openfx.errors import InvokeError
+from openfx.function_def import FunctionDef
 from openfx.gateway.backend import Backend
 from openfx.gateway.backend import DeployedFunction as Function
 from openfx.gateway.invoker import Invoker

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from openfx import defaults
-from openfx.deployment import FunctionDef
+from openfx.function_def import FunctionDef
 
 GATEWAY_NAMESPACE = "openfx"
 FUNCTION_NAMESPACE = "openfx-fn"

@@ -24,7 +24,7 @@ from prometheus_client import Counter
 
 from openfx import defaults
 from openfx.client_channel import aio_gateway_channel, bearer
-from openfx.deployment import SCHEDULE, SCHEDULE_ENABLED, SCHEDULE_INPUT, TIMEOUT
+from openfx.function_def import SCHEDULE, SCHEDULE_ENABLED, SCHEDULE_INPUT, TIMEOUT
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
 from openfx.triggers.base import TOPIC_KEY, TRIGGER_KEY, PlatformContext, Trigger

@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from openfx.config import load_stack
-from openfx.deployment import to_request
 from openfx.errors import InvokeError
+from openfx.function_def import to_request
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.watcher.loader import load_handler
 from tests.conftest import ROOT, RunningGateway, free_port
