@@ -22,6 +22,7 @@ from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
 from openfx.triggers.schedule import ticks_between
 from tests.conftest import ADMIN_TOKEN_FILE, FIXTURES, ROOT, free_port
+from tests.test_gateway_manage import wait_for
 
 EVERY_SECOND = "* * * * * *"
 
@@ -101,16 +102,6 @@ def ticks_file() -> Path:
 
 def runs(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_ticks_between_counts_cron_ticks() -> None:

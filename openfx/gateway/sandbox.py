@@ -85,30 +85,8 @@ def function_user(setting: str | None) -> FunctionUser | None:
     return FunctionUser(name, entry.pw_uid, entry.pw_gid)
 
 
-async def check_interpreter(user: FunctionUser) -> str:
-    """ "" when `user` can start a watcher with this interpreter, else why not (one line)."""
-    process = await asyncio.create_subprocess_exec(
-        *command([sys.executable, "-c", "import openfx.watcher.server"], user, []),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        cwd="/",
-    )
-    _, err = await process.communicate()
-    if process.returncode == 0:
-        return ""
-    lines = err.decode("utf-8", "replace").strip().splitlines() or [f"exit code {process.returncode}"]
-    return (
-        f"function user {user.name} cannot run {sys.executable}: {lines[-1][:300]} "
-        "(run scripts/function-user as root, or start the gateway with --function-user '')"
-    )
-
-
-async def check_source(user: FunctionUser, handler_file: Path) -> str:
-    """ "" when `user` can read the handler file and list its folder, else why not (one line): a
-    function folder under a private home (/root is 0700) must be refused at deploy, not crash-loop."""
-    probe = "import os, sys; open(sys.argv[1], 'rb').close(); os.listdir(sys.argv[2])"
-    argv = [sys.executable, "-I", "-S", "-c", probe, str(handler_file), str(handler_file.parent)]
+async def _failure_as(user: FunctionUser, argv: list[str]) -> str:
+    """Run `argv` as `user`: "" if it succeeds, else the last line it printed (or its exit code)."""
     process = await asyncio.create_subprocess_exec(
         *command(argv, user, []),
         stdin=asyncio.subprocess.DEVNULL,
@@ -120,8 +98,27 @@ async def check_source(user: FunctionUser, handler_file: Path) -> str:
     if process.returncode == 0:
         return ""
     lines = err.decode("utf-8", "replace").strip().splitlines() or [f"exit code {process.returncode}"]
-    return (
-        f"function user {user.name} cannot read {handler_file}: {lines[-1][:200]} "
+    return lines[-1][:300]
+
+
+async def check_interpreter(user: FunctionUser) -> str:
+    """ "" when `user` can start a watcher with this interpreter, else why not (one line)."""
+    failure = await _failure_as(user, [sys.executable, "-c", "import openfx.watcher.server"])
+    return failure and (
+        f"function user {user.name} cannot run {sys.executable}: {failure} "
+        "(run scripts/function-user as root, or start the gateway with --function-user '')"
+    )
+
+
+async def check_source(user: FunctionUser, handler_file: Path) -> str:
+    """ "" when `user` can read the handler file and list its folder, else why not (one line): a
+    function folder under a private home (/root is 0700) must be refused at deploy, not crash-loop."""
+    probe = "import os, sys; open(sys.argv[1], 'rb').close(); os.listdir(sys.argv[2])"
+    failure = await _failure_as(
+        user, [sys.executable, "-I", "-S", "-c", probe, str(handler_file), str(handler_file.parent)]
+    )
+    return failure and (
+        f"function user {user.name} cannot read {handler_file}: {failure} "
         f"(let it read the folder, e.g. setfacl -R -m u:{user.name}:rX plus x on the folders above, "
         "or deploy from a readable folder)"
     )
