@@ -1,6 +1,6 @@
 """openfx-cli config files (`functions/<name>/config.yaml`) and the stack file (`openfx.yaml`).
 
-The schema is OpenFx's (research/openfx.md §3.2); keys we add (timeout,
+The schema is OpenFx's (openfx-cli's config.yaml); keys we add (timeout,
 max_inflight, replicas, include) are additions, never renames. An unknown key is
 a one-line error naming the key and the file, because a typo silently ignored is
 a function deployed without its setting.

@@ -1,7 +1,7 @@
 """Framed request/reply protocol for the embedded gateway -> watcher hop.
 
 A Python gRPC second hop costs about 0.7 ms and half the throughput of a direct
-call on this machine (research/perf.md §3); one persistent Unix-socket connection
+call on a 2-core machine (measured before this hop existed); one persistent Unix-socket connection
 carrying length-prefixed frames costs a fraction of that. Cluster mode and KETI
 gateways still use FxWatcher gRPC on 50051; this hop is an embedded-mode detail.
 

@@ -1,6 +1,6 @@
 """The bridge: MQTT 5 messages in, gateway `Invoke` calls, replies out, at least once.
 
-Delivery rules (research/mqtt.md measured each failure they prevent):
+Delivery rules (each prevents a failure measured against mosquitto; tests/test_bridge*.py replay them):
 - subscribe at QoS 1 with manual acknowledgement; a message is PUBACKed only after the
   invoke succeeded (or was refused) AND its reply / dead-letter publishes were PUBACKed,
   so a bridge killed at any moment leaves the message with the broker, which redelivers it;

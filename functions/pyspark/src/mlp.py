@@ -4,7 +4,7 @@ session, the workshop's data and split, and a numpy forward pass of the MLeap bu
 Spark's MultilayerPerceptron (ml.ann) stacks affine layers with sigmoid activations and a
 softmax on top. Its weight vector holds, layer after layer, a column-major n_out x n_in
 matrix then n_out biases. Scoring one row this way takes microseconds where a Spark
-`transform` of one row takes ~200 ms (research/mleap.md); tests check both agree.
+`transform` of one row takes ~200 ms (bench/pyspark.py); tests check both agree.
 """
 
 from __future__ import annotations
