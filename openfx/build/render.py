@@ -22,6 +22,7 @@ WATCHER_RUNTIME = (
     "errors.py",
     "fn.py",
     "framing.py",
+    "hops.py",
     "parent.py",
     "procgroup.py",
     "readiness.py",

@@ -146,20 +146,25 @@ def init(ctx: click.Context, name: str, runtime: str, config: str, handler_dir: 
     "-o", "--output", default=None, help="where build contexts go (default: .openfx/build beside -f)"
 )
 def build(config: str, nocache: bool, buildverbose: bool, output: str | None) -> None:
-    """Render each function's build context from the shared Dockerfile template, and build it when a
-    Docker engine is reachable."""
+    """Render each function's build context from the shared Dockerfile template, keep it in the
+    local image store (what the embedded gateway deploys an image from), and build it when a Docker
+    engine is reachable."""
+    from openfx.build.images import ImageStore
     from openfx.build.render import docker_available, docker_build_command, render_context
 
     stack = _load(config)
     engine = docker_available()
     folder = Path(output) if output else state_dir(config) / "build"
+    store = ImageStore(_image_store(config))
     for name, spec in stack.functions.items():
         try:
             context = render_context(name, spec, folder)
+            store.add(name, spec)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         command = docker_build_command(name, spec, context, nocache)
         click.echo(f"Building function ({name}) ... context: {context}")
+        click.echo(f"Image: {spec.image} stored for the embedded platform in {store.root}")
         if not engine:
             click.echo("No Docker engine reachable; build the image with:\n  " + " ".join(command))
             continue
@@ -169,6 +174,16 @@ def build(config: str, nocache: bool, buildverbose: bool, output: str | None) ->
         if result.returncode != 0:
             raise click.ClickException(f"docker build failed for {name} (rerun with -v to see why)")
         click.echo(f"Image: {spec.image} built in local environment.")
+
+
+def _image_store(config: str) -> Path:
+    """The platform's image store: $OPENFX_HOME, else beside $OPENFX_STACK, else beside the
+    openfx.yaml of this folder (where `openfx-cli up` runs), else beside the config file."""
+    from openfx.build.images import STACK_ENV, images_dir
+
+    if os.environ.get("OPENFX_HOME") or os.environ.get(STACK_ENV):
+        return images_dir()
+    return images_dir("openfx.yaml" if Path("openfx.yaml").is_file() else config)
 
 
 @function.command()
@@ -358,6 +373,7 @@ def info(ctx: click.Context, name: str, config: str | None) -> None:
         "replicas": fn.Replicas,
         "availablereplicas": fn.AvailableReplicas,
         "status": _status(fn),
+        "url": f"{_http_base(gw)}/function/{fn.Name}",  # the HTTP trigger (KETI's CLI prints the gRPC port)
         # each limit and how the gateway enforces it, e.g. memory: 256Mi (cgroup v1)
         "limits": {
             k[len("openfx.limits.") :]: v for k, v in fn.Annotations.items() if k.startswith("openfx.limits.")

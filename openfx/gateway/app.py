@@ -241,6 +241,7 @@ class Gateway:
                 timeout_grace=s.timeout_grace,
                 on_recycle=self.metrics.replica_recycled,
                 cgroups=s.cgroups,
+                gateway_address=s.grpc_address,
             )
         except ValueError as exc:  # e.g. --function-user names no user
             raise ConfigError(str(exc)) from None

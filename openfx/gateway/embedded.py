@@ -26,14 +26,16 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
-from openfx import parent, procgroup, readiness
+from openfx import fn as fn_module
+from openfx import hops, parent, procgroup, readiness
+from openfx.build.images import ImageStore, images_dir, missing_requirements
 from openfx.errors import InvokeError, not_found
-from openfx.function_def import FunctionDef
+from openfx.function_def import HANDLER_FILE, HANDLER_NAME, FunctionDef
 from openfx.gateway import sandbox
 from openfx.gateway.cgroups import Cgroups, ReplicaCgroup
 from openfx.gateway.framed_client import FramedClient
@@ -132,11 +134,19 @@ class LocalReplica:
             **self.dirs.environment(),
             **fn.env,
             **settings.to_env(),
-            "HANDLER_DIR": str(fn.handler_dir.parent),
+            "HANDLER_DIR": str(fn.handler_dir),  # KETI's: the folder holding the handler file
+            **self._gateway_env(fn.env),
             "WATCHER_LOG_PREFIX": "0",
             parent.ENV: "1",
             procgroup.ENV: "1",
         }
+
+    def _gateway_env(self, env: dict[str, str]) -> dict[str, str]:
+        """Where the handler's `fn.call` / `mesh.mesh_call` go: this gateway (unless the function says)."""
+        address = self.backend.gateway_address if self.backend else ""
+        if not address or fn_module.GATEWAY_ENV in env:
+            return {}
+        return {fn_module.GATEWAY_ENV: address}
 
     async def _run_once(self) -> None:
         fn = self.fn.definition
@@ -153,7 +163,7 @@ class LocalReplica:
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *argv,
-                cwd=str(fn.handler_dir.parent),
+                cwd=str(fn.handler_dir),  # as KETI: a handler opens the files beside it by relative name
                 env=self._environment(),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -342,6 +352,9 @@ class LocalReplica:
         framed = self.framed
         if framed is None:
             raise InvokeError(UNAVAILABLE, f"{self.label} is restarting")
+        # the handler's own calls inherit this call's place in the chain and what is left of its time
+        request.info.Hops = hops.inbound.get()
+        request.info.Timeout = f"{timeout:g}s"
         return await framed.call(request.SerializeToString(), timeout)
 
     def stream(self, requests: AsyncIterator[wpb.Request]) -> grpc.aio.StreamStreamCall:
@@ -431,6 +444,16 @@ class LocalFunction:
         return min(ordered, key=lambda r: r.in_flight)
 
 
+def _dialable(address: str) -> str:
+    """A listen address as a local client dials it (0.0.0.0 and [::] are not dialable)."""
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", ""):
+        return f"127.0.0.1:{port}" if port else ""
+    if host in ("[::]", "::"):
+        return f"[::1]:{port}"
+    return address
+
+
 class EmbeddedBackend:
     """Functions as local processes; the gateway's Deploy/Update/Delete/ReplicaUpdate act here."""
 
@@ -445,9 +468,16 @@ class EmbeddedBackend:
         timeout_grace: float = TIMEOUT_GRACE,
         on_recycle: Callable[[str, str], None] | None = None,
         cgroups: Cgroups | None | bool = True,
+        gateway_address: str = "",
+        images: ImageStore | None = None,
     ) -> None:
         """`function_user`: see sandbox.function_user (None: the default user when root; "": our
-        own). `cgroups`: True to detect them, False for none, or a Cgroups to use."""
+        own). `cgroups`: True to detect them, False for none, or a Cgroups to use.
+        `gateway_address`: the gateway's gRPC, where handlers' function-to-function calls go.
+        `images`: the local image store (`fn build`) a Deploy naming an image is started from."""
+        self.gateway_address = _dialable(gateway_address)
+        self.images = images if images is not None else ImageStore(images_dir())
+        self.known_images: dict[str, FunctionDef] = {}  # image -> a function deployed from source
         self.user = sandbox.function_user(function_user)
         self.run_dir = run_dir
         self.replicas_root = sandbox.replicas_root(run_dir, self.user)
@@ -530,9 +560,51 @@ class EmbeddedBackend:
             **kept,  # type: ignore[arg-type]
         )
 
+    def _resolve(self, definition: FunctionDef, current: FunctionDef | None = None) -> FunctionDef:
+        """A Deploy/Update naming an image and no source (KETI's CLI): start it from that image's
+        source, the local image store's build context or a function deployed from source with that
+        image (the stack file's); an Update naming neither keeps the function's current source."""
+        if definition.handler_dir is not None:
+            if definition.image:
+                self.known_images[definition.image] = definition
+            return definition
+        ann = definition.annotations
+        stored = self.images.get(definition.image)
+        if stored is not None:
+            problems = missing_requirements(stored.requirements)
+            if problems:
+                raise InvokeError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"image {definition.image} needs packages the platform's environment lacks "
+                    f"({', '.join(problems)}): install them with 'pip install -r {stored.requirements}' "
+                    "in the environment the gateway runs (.venv), then deploy again",
+                )
+            return replace(
+                definition,
+                handler_dir=stored.handler_dir,
+                handler_file=ann.get(HANDLER_FILE, stored.handler_file),
+                handler_name=ann.get(HANDLER_NAME, stored.handler_name),
+            )
+        source = self.known_images.get(definition.image) or current
+        if source is not None and source.handler_dir is not None:
+            return replace(
+                definition,
+                handler_dir=source.handler_dir,
+                handler_file=ann.get(HANDLER_FILE, source.handler_file),
+                handler_name=ann.get(HANDLER_NAME, source.handler_name),
+            )
+        known = sorted(set(self.images.images()) | set(self.known_images))
+        raise InvokeError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"unknown image {definition.image or '(none)'} for {definition.name}: this gateway knows "
+            f"{', '.join(known) or 'no image'}; make one with 'openfx-cli fn build -f config.yaml' on "
+            "this machine, or deploy the source with 'openfx-cli fn deploy -f config.yaml'",
+        )
+
     async def deploy(self, definition: FunctionDef) -> None:
         if definition.name in self.functions:
             raise InvokeError(grpc.StatusCode.ALREADY_EXISTS, f"function {definition.name} already exists")
+        definition = self._resolve(definition)
         fn = self._function(definition, await self._admit(definition))
         if definition.name in self.functions:  # deployed by another call while we checked
             raise InvokeError(grpc.StatusCode.ALREADY_EXISTS, f"function {definition.name} already exists")
@@ -542,6 +614,7 @@ class EmbeddedBackend:
     async def update(self, definition: FunctionDef) -> None:
         """Replace the function's replicas with new ones (counters and logs are kept)."""
         old = self.get(definition.name)
+        definition = self._resolve(definition, old.definition)
         enforcement = await self._admit(definition)
         fn = self._function(definition, enforcement, invocations=old.invocations, logs=old.logs)
         old_replicas = old.replicas

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from openfx import hops
 from openfx.errors import InvokeError
 from openfx.gateway.management import Management
 from openfx.pb import fxgateway_pb2 as gpb
@@ -16,13 +17,16 @@ TRIGGERS = {"grpc", *KINDS}  # a trigger (openfx/triggers) relays its own name i
 
 
 def _trigger(context: grpc.aio.ServicerContext) -> tuple[str, str]:
-    """The trigger name and topic the handler sees as req.info.Trigger (gRPC unless relayed)."""
+    """The trigger name and topic the handler sees as req.info.Trigger (gRPC unless relayed);
+    a function-to-function call's hop count goes to `hops.inbound` for the backend to pass on."""
     trigger, topic = "grpc", ""
     for key, value in context.invocation_metadata() or ():
         if key == TRIGGER_KEY and value in TRIGGERS:
             trigger = value
         elif key == TOPIC_KEY:
             topic = value[:1024]
+        elif key == hops.METADATA_KEY:
+            hops.inbound.set(hops.parse_hops(value))
     return trigger, topic
 
 
@@ -36,6 +40,9 @@ class GatewayServicer(gpb_grpc.FxGatewayServicer):
     ) -> gpb.Message:
         trigger, topic = _trigger(context)
         try:
+            refused = hops.too_deep(hops.inbound.get(), request.Service)
+            if refused:
+                raise InvokeError(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
             reply = await self.invoker.invoke(
                 request.Service, request.Input, trigger, topic, deadline=context.time_remaining()
             )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19openfx/pb/fxwatcher.proto\x12\x02pb\"0\n\x07Request\x12\r\n\x05input\x18\x01 \x01(\x0c\x12\x16\n\x04info\x18\x02 \x01(\x0b\x32\x08.pb.Info\",\n\x05Reply\x12\x0e\n\x06Output\x18\x01 \x01(\x0c\x12\x13\n\x0b\x43ontentType\x18\x02 \x01(\t\"{\n\x04Info\x12\x14\n\x0c\x46unctionName\x18\x01 \x01(\t\x12\x0f\n\x07Timeout\x18\x02 \x01(\t\x12\x0f\n\x07Runtime\x18\x03 \x01(\t\x12\x1d\n\x06Limits\x18\x04 \x01(\x0b\x32\r.pb.Resources\x12\x1c\n\x07Trigger\x18\x05 \x01(\x0b\x32\x0b.pb.Trigger\"4\n\x07Trigger\x12\x0c\n\x04Name\x18\x01 \x01(\t\x12\r\n\x05Topic\x18\x02 \x01(\t\x12\x0c\n\x04Time\x18\x03 \x01(\t\"5\n\tResources\x12\x0e\n\x06Memory\x18\x01 \x01(\t\x12\x0b\n\x03\x43PU\x18\x02 \x01(\t\x12\x0b\n\x03GPU\x18\x03 \x01(\t2T\n\tFxWatcher\x12 \n\x04\x43\x61ll\x12\x0b.pb.Request\x1a\t.pb.Reply\"\x00\x12%\n\x05\x43\x61lls\x12\x0b.pb.Request\x1a\t.pb.Reply\"\x00(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19openfx/pb/fxwatcher.proto\x12\x02pb\"0\n\x07Request\x12\r\n\x05input\x18\x01 \x01(\x0c\x12\x16\n\x04info\x18\x02 \x01(\x0b\x32\x08.pb.Info\",\n\x05Reply\x12\x0e\n\x06Output\x18\x01 \x01(\x0c\x12\x13\n\x0b\x43ontentType\x18\x02 \x01(\t\"\x89\x01\n\x04Info\x12\x14\n\x0c\x46unctionName\x18\x01 \x01(\t\x12\x0f\n\x07Timeout\x18\x02 \x01(\t\x12\x0f\n\x07Runtime\x18\x03 \x01(\t\x12\x1d\n\x06Limits\x18\x04 \x01(\x0b\x32\r.pb.Resources\x12\x1c\n\x07Trigger\x18\x05 \x01(\x0b\x32\x0b.pb.Trigger\x12\x0c\n\x04Hops\x18\x06 \x01(\x05\"4\n\x07Trigger\x12\x0c\n\x04Name\x18\x01 \x01(\t\x12\r\n\x05Topic\x18\x02 \x01(\t\x12\x0c\n\x04Time\x18\x03 \x01(\t\"5\n\tResources\x12\x0e\n\x06Memory\x18\x01 \x01(\t\x12\x0b\n\x03\x43PU\x18\x02 \x01(\t\x12\x0b\n\x03GPU\x18\x03 \x01(\t2T\n\tFxWatcher\x12 \n\x04\x43\x61ll\x12\x0b.pb.Request\x1a\t.pb.Reply\"\x00\x12%\n\x05\x43\x61lls\x12\x0b.pb.Request\x1a\t.pb.Reply\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUEST']._serialized_end=81
   _globals['_REPLY']._serialized_start=83
   _globals['_REPLY']._serialized_end=127
-  _globals['_INFO']._serialized_start=129
-  _globals['_INFO']._serialized_end=252
-  _globals['_TRIGGER']._serialized_start=254
-  _globals['_TRIGGER']._serialized_end=306
-  _globals['_RESOURCES']._serialized_start=308
-  _globals['_RESOURCES']._serialized_end=361
-  _globals['_FXWATCHER']._serialized_start=363
-  _globals['_FXWATCHER']._serialized_end=447
+  _globals['_INFO']._serialized_start=130
+  _globals['_INFO']._serialized_end=267
+  _globals['_TRIGGER']._serialized_start=269
+  _globals['_TRIGGER']._serialized_end=321
+  _globals['_RESOURCES']._serialized_start=323
+  _globals['_RESOURCES']._serialized_end=376
+  _globals['_FXWATCHER']._serialized_start=378
+  _globals['_FXWATCHER']._serialized_end=462
 # @@protoc_insertion_point(module_scope)

@@ -22,18 +22,20 @@ class Reply(_message.Message):
     def __init__(self, Output: _Optional[bytes] = ..., ContentType: _Optional[str] = ...) -> None: ...
 
 class Info(_message.Message):
-    __slots__ = ("FunctionName", "Timeout", "Runtime", "Limits", "Trigger")
+    __slots__ = ("FunctionName", "Timeout", "Runtime", "Limits", "Trigger", "Hops")
     FUNCTIONNAME_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
     FunctionName: str
     Timeout: str
     Runtime: str
     Limits: Resources
     Trigger: Trigger
-    def __init__(self, FunctionName: _Optional[str] = ..., Timeout: _Optional[str] = ..., Runtime: _Optional[str] = ..., Limits: _Optional[_Union[Resources, _Mapping]] = ..., Trigger: _Optional[_Union[Trigger, _Mapping]] = ...) -> None: ...
+    Hops: int
+    def __init__(self, FunctionName: _Optional[str] = ..., Timeout: _Optional[str] = ..., Runtime: _Optional[str] = ..., Limits: _Optional[_Union[Resources, _Mapping]] = ..., Trigger: _Optional[_Union[Trigger, _Mapping]] = ..., Hops: _Optional[int] = ...) -> None: ...
 
 class Trigger(_message.Message):
     __slots__ = ("Name", "Topic", "Time")

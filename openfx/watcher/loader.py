@@ -21,6 +21,9 @@ from typing import Any
 
 HandlerFn = Callable[[Any], Any]
 
+# KETI's `mesh` module for handlers written for KETI (`import mesh`), after the handler's own folder
+SHIM_DIR = Path(__file__).resolve().parent / "shim"
+
 # the kinds of load failure, as `fn info` names them
 FILE_MISSING = "handler file missing"
 SYNTAX_ERROR = "syntax error"
@@ -64,6 +67,8 @@ def load_handler(file: str | Path, name: str = "Handler") -> HandlerFn:
     folder = path.parent
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
+    if str(SHIM_DIR) not in sys.path:
+        sys.path.append(str(SHIM_DIR))
     spec = importlib.util.spec_from_file_location(f"openfx_handler_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise HandlerLoadError(IMPORT_ERROR, f"cannot import {path}")

@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 import traceback
 from collections.abc import Iterator
 
 import grpc
 
+from openfx import hops
 from openfx.errors import InvokeError
 from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.watcher.loader import HandlerFn
@@ -67,15 +69,27 @@ class FunctionRuntime:
         )
 
     def invoke(self, request: wpb.Request) -> wpb.Reply:
-        with _statuses():
+        with _statuses(), _serving(request):
             result = self.handler(request)
             if inspect.iscoroutine(result):  # an async handler called outside a loop (tests, benches)
                 result = asyncio.run(result)
             return to_reply(result)
 
     async def invoke_async(self, request: wpb.Request) -> wpb.Reply:
-        with _statuses():
+        with _statuses(), _serving(request):
             return to_reply(await self.handler(request))
+
+
+@contextlib.contextmanager
+def _serving(request: wpb.Request) -> Iterator[None]:
+    """Let the handler's own calls (`fn.call`, `mesh`) inherit this call's hop count and deadline."""
+    budget = hops.parse_timeout(request.info.Timeout)
+    deadline = None if budget is None else time.monotonic() + budget
+    token = hops.current.set(hops.CallContext(request.info.Hops, deadline))
+    try:
+        yield
+    finally:
+        hops.current.reset(token)
 
 
 @contextlib.contextmanager

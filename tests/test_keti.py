@@ -1,0 +1,179 @@
+"""KETI OpenFx users' files and commands, unchanged, against the embedded platform.
+
+KETI's `openfx-cli fn deploy` sends Update then Deploy naming the config's image and no source
+(replayed here byte for byte as its request fields); its handlers `import mesh` and open files
+beside themselves. The gateway runs with --open-management, as KETI's CLI sends no token.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+
+from openfx import hops
+from openfx.build.images import ImageStore, missing_requirements
+from openfx.config import load_stack
+from openfx.pb import fxgateway_pb2 as gpb
+from tests.conftest import FIXTURES, ROOT, RunningGateway, start_gateway
+from tests.shared_tmp import shared_tmp
+
+KETI = FIXTURES / "keti"
+IMAGE = "localhost:5000/openfx/keti-echo"
+
+
+def keti_request(name: str, image: str) -> gpb.CreateFunctionRequest:
+    """What KETI's `fn deploy` sends for its `fn init -r python3` config: image, no openfx.* annotations."""
+    return gpb.CreateFunctionRequest(
+        Service=name,
+        Image=image,
+        Annotations={"desc": "", "maintainer": ""},
+        Limits=gpb.FunctionResources(Memory="", CPU="", GPU=""),
+        Requests=gpb.FunctionResources(Memory="50Mi", CPU="50m", GPU=""),
+    )
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "openfx-cli"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def wait_answer(stub, name: str, data: bytes, timeout: float = 60) -> bytes:  # type: ignore[no-untyped-def]
+    """Call until the function's replica is ready (UNAVAILABLE while it starts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return stub.Invoke(gpb.InvokeServiceRequest(Service=name, Input=data), timeout=10).Msg
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    """The platform's state folder (OPENFX_HOME), readable by the function user."""
+    with shared_tmp() as folder:
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def keti_gateway(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    env = {"OPENFX_HOME": str(home)}
+    built = cli("fn", "build", "-f", str(KETI / "keti-echo" / "config.yaml"), env=env)
+    assert built.returncode == 0, built.stderr
+    assert IMAGE in built.stdout
+    log = tmp_path_factory.mktemp("keti") / "gateway.log"
+    gw = start_gateway(KETI / "stack.yaml", log, "--open-management", env=env, admin=False)
+    try:
+        gw.wait_ready({"echo", "mesh-caller", "looper", "beside", "budget"})
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_keti_fn_deploy_by_image_answers_as_keti(keti_gateway: RunningGateway) -> None:
+    stub = keti_gateway.stub(None)  # KETI's CLI sends no token
+    with pytest.raises(grpc.RpcError) as missing:
+        stub.Update(keti_request("keti-echo", IMAGE), timeout=30)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stub.Deploy(keti_request("keti-echo", IMAGE), timeout=30).Msg == b"OK"
+    assert wait_answer(stub, "keti-echo", b"hello") == b"[Python] hello"
+    meta = stub.GetMeta(gpb.FunctionRequest(FunctionName="keti-echo"), timeout=5)
+    assert meta.Image == IMAGE
+    # the next `fn deploy`: an Update naming the same image and no source keeps it running
+    assert stub.Update(keti_request("keti-echo", IMAGE), timeout=30).Msg == b"OK"
+    assert wait_answer(stub, "keti-echo", b"again") == b"[Python] again"
+
+
+def test_an_image_from_the_stack_file_deploys_under_another_name(keti_gateway: RunningGateway) -> None:
+    stub = keti_gateway.stub(None)
+    image = load_stack(KETI / "stack.yaml").functions["echo"].image
+    assert stub.Deploy(keti_request("echo-again", image), timeout=30).Msg == b"OK"
+    assert wait_answer(stub, "echo-again", b"same") == b"same"
+    stub.Delete(gpb.DeleteFunctionRequest(FunctionName="echo-again"), timeout=30)
+
+
+def test_an_unknown_image_is_refused_naming_the_known_ones(keti_gateway: RunningGateway) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        keti_gateway.stub(None).Deploy(keti_request("nope", "registry.example/nope:1"), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    message = refused.value.details()
+    assert "\n" not in message and "unknown image registry.example/nope:1" in message
+    assert IMAGE in message and "openfx-cli fn build" in message
+    body = {"Service": "nope", "Image": "registry.example/nope:1"}
+    reply = requests.post(f"{keti_gateway.http_url}/system/functions", json=body, timeout=30)
+    assert reply.status_code >= 400, reply.text
+    assert "unknown image registry.example/nope:1" in reply.text and "fn build" in reply.text
+
+
+def test_an_image_whose_packages_are_missing_is_refused_by_name(
+    keti_gateway: RunningGateway, home: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "needy"
+    shutil.copytree(KETI / "keti-echo", folder)
+    config = folder / "config.yaml"
+    config.write_text(config.read_text().replace("keti-echo", "needy"))
+    (folder / "requirements.txt").write_text("grpcio\nopenfx-no-such-package-xyz>=1\n")
+    ImageStore(home / "images").add("needy", load_stack(config).functions["needy"])
+    with pytest.raises(grpc.RpcError) as refused:
+        keti_gateway.stub(None).Deploy(keti_request("needy", "localhost:5000/openfx/needy"), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "openfx-no-such-package-xyz>=1" in refused.value.details()
+    assert "grpcio" not in refused.value.details().split("(")[1].split(")")[0]
+
+
+def test_missing_requirements_checks_versions_and_markers(tmp_path: Path) -> None:
+    file = tmp_path / "requirements.txt"
+    file.write_text("# comment\ngrpcio>=1\ngrpcio<1\nnot-installed-xyz\nfoo; python_version < '3'\n")
+    problems = missing_requirements(file)
+    assert problems[0].startswith("grpcio<1 (installed: ") and problems[1:] == ["not-installed-xyz"]
+
+
+def test_mesh_call_goes_through_the_gateway_and_returns_bytes(keti_gateway: RunningGateway) -> None:
+    stub = keti_gateway.stub(None)
+    before = stub.GetMeta(gpb.FunctionRequest(FunctionName="echo"), timeout=5).InvocationCount
+    assert wait_answer(stub, "mesh-caller", b"hi") == b"mesh:hi"
+    assert stub.GetMeta(gpb.FunctionRequest(FunctionName="echo"), timeout=5).InvocationCount == before + 1
+
+
+def test_a_call_loop_is_stopped_by_the_hop_limit(keti_gateway: RunningGateway) -> None:
+    with pytest.raises(grpc.RpcError) as stopped:
+        keti_gateway.stub(None).Invoke(gpb.InvokeServiceRequest(Service="looper", Input=b"x"), timeout=20)
+    assert stopped.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"limit {hops.MAX_HOPS}" in stopped.value.details() and "loop" in stopped.value.details()
+    # the platform is still serving
+    assert wait_answer(keti_gateway.stub(None), "echo", b"ok") == b"ok"
+
+
+def test_a_handler_sees_its_hops_and_remaining_deadline(keti_gateway: RunningGateway) -> None:
+    stub = keti_gateway.stub(None)
+    hops_seen, left = stub.Invoke(gpb.InvokeServiceRequest(Service="budget"), timeout=3).Msg.split()
+    assert hops_seen == b"0" and 0 < float(left) <= 3
+    relayed = [(hops.METADATA_KEY, "3")]  # as a function's own call three hops down sends it
+    deep = stub.Invoke(gpb.InvokeServiceRequest(Service="budget"), timeout=5, metadata=relayed)
+    assert deep.Msg.split()[0] == b"3"
+
+
+def test_a_handler_runs_in_its_own_folder(keti_gateway: RunningGateway) -> None:
+    assert wait_answer(keti_gateway.stub(None), "beside", b"") == b"hello from src"
+
+
+def test_fn_info_prints_the_http_trigger_url(keti_gateway: RunningGateway) -> None:
+    shown = cli("fn", "info", "echo", "-g", keti_gateway.grpc_address, env={})
+    assert shown.returncode == 0, shown.stderr
+    assert f"url: {keti_gateway.http_url}/function/echo" in shown.stdout
