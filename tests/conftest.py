@@ -53,6 +53,9 @@ ADMIN_TOKEN_FILE = _TOKEN_DIR / "token"
 ADMIN_TOKEN_FILE.write_text(ADMIN_TOKEN + "\n")
 ADMIN_TOKEN_FILE.chmod(0o600)
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# every gateway a test starts serves its console on a free port unless the test names one:
+# several gateways live at once, and 31115 may belong to a platform the developer runs
+os.environ.setdefault("OPENFX_CONSOLE_ADDR", "127.0.0.1:0")
 # a user config naming that token file, as `openfx-cli up` leaves ~/.openfx/config.yaml (CLI tests use it)
 USER_CONFIG = _TOKEN_DIR / "config.yaml"
 USER_CONFIG.write_text(f"openfx:\n  token_file: {ADMIN_TOKEN_FILE}\n")

@@ -10,6 +10,7 @@ import logging.handlers
 import os
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from openfx import defaults
 from openfx.config import ConfigError, StackFile
+from openfx.console.server import build_console
 from openfx.function_def import FunctionDef, to_request
 from openfx.gateway.auth import ANY, INVOKE, MANAGE, AuthInterceptor, TokenStore, is_loopback
 from openfx.gateway.embedded import EmbeddedBackend
@@ -42,6 +44,7 @@ log = logging.getLogger("openfx.gateway")
 class GatewaySettings:
     grpc_address: str = defaults.GATEWAY_GRPC
     http_address: str = defaults.GATEWAY_HTTP
+    console_address: str = defaults.CONSOLE_HTTP  # "" turns the console off; port 0: any free port
     max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
     grace_seconds: float = 10.0
     ready_timeout: float = 120.0
@@ -81,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--grpc", default=env("OPENFX_GRPC_ADDR", d.grpc_address), help="gRPC listen address")
     parser.add_argument("--http", default=env("OPENFX_HTTP_ADDR", d.http_address), help="HTTP listen address")
+    parser.add_argument(
+        "--console",
+        default=env("OPENFX_CONSOLE_ADDR", d.console_address),
+        help="the operator's web console, an origin of its own ('' for none)",
+    )
     parser.add_argument(
         "--max-message-bytes", type=int, default=int(env("OPENFX_MAX_MESSAGE_BYTES", d.max_message_bytes))
     )
@@ -173,6 +181,7 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings(
         grpc_address=args.grpc,
         http_address=args.http,
+        console_address=args.console,
         max_message_bytes=args.max_message_bytes,
         max_streams=args.max_streams,
         http_body_timeout=args.http_body_timeout,
@@ -222,6 +231,8 @@ class Gateway:
         self.manage = Management(self.backend, self.invoker, settings.http_address)
         self.grpc_server: grpc.aio.Server | None = None
         self.http_runner: web.AppRunner | None = None
+        self.console_runner: web.AppRunner | None = None
+        self.console_url = ""  # http(s)://host:port/ once listening
         self.health = health.aio.HealthServicer()
 
     def _make_backend(self):  # type: ignore[no-untyped-def]
@@ -248,10 +259,11 @@ class Gateway:
 
     def _check_exposure(self) -> None:
         s = self.settings
-        loopback = is_loopback(s.grpc_address) and is_loopback(s.http_address)
+        loopback = all(is_loopback(a) for a in (s.grpc_address, s.http_address, s.console_address) if a)
         if not self.tokens.enabled and not loopback and not s.allow_unauthenticated:
             raise OSError(
-                f"refusing to serve {s.grpc_address} / {s.http_address} without authentication: "
+                f"refusing to serve {s.grpc_address} / {s.http_address} / console {s.console_address or '-'} "
+                "without authentication: "
                 "configure tokens "
                 "(OPENFX_TOKENS_FILE, OPENFX_ADMIN_TOKEN) or pass --allow-unauthenticated"
             )
@@ -261,7 +273,7 @@ class Gateway:
             if self.tokens.enabled:
                 raise OSError("--open-management contradicts the configured tokens: use one or the other")
             if not loopback:
-                raise OSError("--open-management is allowed only when both listeners are on loopback")
+                raise OSError("--open-management is allowed only when every listener is on loopback")
             log.warning(
                 "gateway: WARNING: management is OPEN (--open-management): any local user or program "
                 "that reaches %s can deploy code and run it as the functions' user",
@@ -327,6 +339,8 @@ class Gateway:
         host, port = split_host_port(s.http_address)
         ssl_context = self._ssl_context() if s.tls else None
         await web.TCPSite(self.http_runner, host, port, ssl_context=ssl_context).start()
+        if s.console_address:
+            await self._start_console(ssl_context)
 
         await self.backend.start()
         if self.stack is not None and self.backend.mode == "embedded":
@@ -334,6 +348,30 @@ class Gateway:
                 await self.backend.deploy(FunctionDef.from_request(to_request(name, spec)))
         for service in ("", "pb.FxGateway", "pb.Gateway"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _start_console(self, ssl_context: ssl.SSLContext | None) -> None:
+        """The console's listener: bound first, so that port 0 (tests) gives the Host names to allow."""
+        s = self.settings
+        host, port = split_host_port(s.console_address)
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(info[0], socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(info[4])
+        except OSError as exc:
+            raise OSError(f"cannot listen on {s.console_address} for the console (in use?): {exc}") from None
+        port = sock.getsockname()[1]
+        app = build_console(self.manage, self.metrics, s.max_message_bytes, self.tokens, s.http_body_timeout)
+        hosts = HostNames.for_listener(host, port, s.allowed_hosts)
+        app.middlewares.insert(0, browser_guard(hosts, (), self.metrics.registry))
+        self.console_runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=s.grace_seconds, keepalive_timeout=s.http_header_timeout
+        )
+        await self.console_runner.setup()
+        await web.SockSite(self.console_runner, sock, ssl_context=ssl_context).start()
+        shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
+        self.console_url = f"{'https' if ssl_context else 'http'}://{shown}:{port}/"
+        log.info("gateway: console on %s", self.console_url)
 
     async def wait_ready(self) -> list[str]:
         return await self.backend.wait_ready(self.settings.ready_timeout)
@@ -346,6 +384,8 @@ class Gateway:
             await self.grpc_server.stop(self.settings.grace_seconds)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
+        if self.console_runner is not None:
+            await self.console_runner.cleanup()
         await self.backend.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 

@@ -11,6 +11,7 @@ never answers). Function routes keep taking any bytes: images, forms, curl's def
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -68,17 +69,27 @@ def _refuse(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message + "\n")
 
 
+_REFUSED: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
+
+
+def _refused_counter(registry: CollectorRegistry) -> Counter:
+    """One counter per registry, shared by every listener the gateway guards (API and console)."""
+    if registry not in _REFUSED:
+        _REFUSED[registry] = Counter(
+            "gateway_http_refused_total",
+            "HTTP requests refused before routing, by reason (host, origin, content-type)",
+            ["reason"],
+            registry=registry,
+        )
+    return _REFUSED[registry]
+
+
 def browser_guard(
     hosts: HostNames, origins: Iterable[str], registry: CollectorRegistry
 ) -> Callable[..., object]:
     """The aiohttp middleware: Host, then Origin / Sec-Fetch-Site, then JSON-only management writes."""
     allowed_origins = frozenset(o.rstrip("/").lower() for o in origins)
-    refused = Counter(
-        "gateway_http_refused_total",
-        "HTTP requests refused before routing, by reason (host, origin, content-type)",
-        ["reason"],
-        registry=registry,
-    )
+    refused = _refused_counter(registry)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -79,7 +79,10 @@ def build_app(
     max_body: int,
     tokens: TokenStore | None = None,
     body_timeout: float = 30.0,
+    functions: bool = True,
 ) -> web.Application:
+    """The API; without `functions`, no /function/ routes: the console's origin must never serve a
+    function's own output as a page (it would run with the console's token in reach)."""
     invoker = manage.invoker
 
     @web.middleware
@@ -170,10 +173,11 @@ def build_app(
     async def prometheus(request: web.Request) -> web.StreamResponse:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
-    app.router.add_route("GET", "/function/{name}", invoke)
-    app.router.add_route("POST", "/function/{name}", invoke)
-    app.router.add_route("GET", "/function/{name}/", invoke)
-    app.router.add_route("POST", "/function/{name}/", invoke)
+    if functions:
+        app.router.add_route("GET", "/function/{name}", invoke)
+        app.router.add_route("POST", "/function/{name}", invoke)
+        app.router.add_route("GET", "/function/{name}/", invoke)
+        app.router.add_route("POST", "/function/{name}/", invoke)
     app.router.add_get("/system/functions", rest(list_functions))
     app.router.add_post("/system/functions", rest(deploy))
     app.router.add_put("/system/functions", rest(update))

@@ -64,10 +64,10 @@ class Invoker:
         _check_size(fn, payload)
         return fn
 
-    def _count(self, name: str, code: int, started: float, fn: Function | None) -> None:
+    def _count(self, name: str, code: int, started: float, fn: Function | None, trigger: str) -> None:
         if fn is not None:
             fn.invocations += 1
-        self.metrics.observe(name, code, time.perf_counter() - started)
+        self.metrics.observe(name, code, time.perf_counter() - started, trigger)
 
     async def invoke(
         self, name: str, payload: bytes, trigger: str = "grpc", topic: str = "", deadline: float | None = None
@@ -91,9 +91,9 @@ class Invoker:
                 fn.in_flight -= 1
                 replica.in_flight -= 1
         except InvokeError as exc:
-            self._count(name, exc.http, started, fn)
+            self._count(name, exc.http, started, fn, trigger)
             raise
-        self._count(name, 200, started, fn)
+        self._count(name, 200, started, fn, trigger)
         return reply
 
     async def stream(
@@ -137,7 +137,7 @@ class Invoker:
         self.streams += 1
         try:
             async for reply in call:
-                self._count(name, 200, stamps.pop(0) if stamps else time.perf_counter(), fn)
+                self._count(name, 200, stamps.pop(0) if stamps else time.perf_counter(), fn, trigger)
                 yield reply.Output
             if refused:
                 raise refused[0]
@@ -146,13 +146,15 @@ class Invoker:
             if task is not None and task.cancelling():
                 raise  # our caller went away: let the cancellation through
             # the replica's channel was closed under the stream: its process exited
-            self._count(name, 503, stamps.pop(0) if stamps else time.perf_counter(), fn)
+            self._count(name, 503, stamps.pop(0) if stamps else time.perf_counter(), fn, trigger)
             raise InvokeError(
                 grpc.StatusCode.UNAVAILABLE, f"{replica.label} exited during the stream"
             ) from None
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            self._count(name, http_status(code), stamps.pop(0) if stamps else time.perf_counter(), fn)
+            self._count(
+                name, http_status(code), stamps.pop(0) if stamps else time.perf_counter(), fn, trigger
+            )
             if code == grpc.StatusCode.UNAVAILABLE or not replica.connected:
                 raise InvokeError(
                     grpc.StatusCode.UNAVAILABLE, f"{replica.label} ended the stream: {exc.details()}"

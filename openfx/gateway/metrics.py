@@ -7,11 +7,50 @@ owns its registry so several can live in one process (tests).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from openfx.errors import InvokeError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# an echo through the embedded backend takes ~0.2 ms, an image model seconds: buckets span both
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
+
+
+@dataclass
+class FunctionStats:
+    """One function's counts since the gateway started: calls, failed calls (status not 200) and the
+    latency histogram's cumulative bucket counts (all triggers together), for the console."""
+
+    calls: float = 0.0
+    errors: float = 0.0
+    buckets: tuple[float, ...] = (0.0,) * (len(LATENCY_BUCKETS) + 1)
+
+    def minus(self, earlier: FunctionStats) -> FunctionStats:
+        return FunctionStats(
+            self.calls - earlier.calls,
+            self.errors - earlier.errors,
+            tuple(a - b for a, b in zip(self.buckets, earlier.buckets, strict=True)),
+        )
+
+    def quantile(self, q: float) -> float | None:
+        """Prometheus's histogram_quantile: linear inside the bucket that holds the rank."""
+        total = self.buckets[-1]
+        if total <= 0:
+            return None
+        rank = q * total
+        lower, below = 0.0, 0.0
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.buckets, strict=True):
+            if count >= rank:
+                if bound == float("inf"):
+                    return LATENCY_BUCKETS[-1]
+                inside = count - below
+                return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+            lower, below = bound, count
+        return LATENCY_BUCKETS[-1]
 
 
 class GatewayMetrics:
@@ -26,10 +65,12 @@ class GatewayMetrics:
         self.seconds = Histogram(
             "gateway_functions_seconds",
             "Function invocation time taken",
-            ["function_name"],
+            ["function_name", "trigger"],
             registry=self.registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            buckets=LATENCY_BUCKETS,
         )
+        # label lookups cost more than the increments: one pair of children per (function, code, trigger)
+        self._children: dict[tuple[str, int, str], tuple[object, object]] = {}
         self.replicas = Gauge(
             "gateway_service_count", "Ready replicas per function", ["function_name"], registry=self.registry
         )
@@ -51,9 +92,38 @@ class GatewayMetrics:
     def auth_rejected(self, error: InvokeError) -> None:
         self.rejected.labels(str(error.http)).inc()
 
-    def observe(self, function: str, http_code: int, seconds: float) -> None:
-        self.invocations.labels(function, str(http_code)).inc()
-        self.seconds.labels(function).observe(seconds)
+    def observe(self, function: str, http_code: int, seconds: float, trigger: str = "http") -> None:
+        key = (function, http_code, trigger)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.invocations.labels(function, str(http_code)),
+                self.seconds.labels(function, trigger),
+            )
+            self._children[key] = children
+        children[0].inc()  # type: ignore[attr-defined]
+        children[1].observe(seconds)  # type: ignore[attr-defined]
+
+    def function_stats(self) -> dict[str, FunctionStats]:
+        """Every function's counts, read from the same series /metrics exposes."""
+        stats: dict[str, FunctionStats] = {}
+        for family in self.invocations.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    one = stats.setdefault(sample.labels["function_name"], FunctionStats())
+                    one.calls += sample.value
+                    if sample.labels["code"] != "200":
+                        one.errors += sample.value
+        bounds = {str(float(b)): i for i, b in enumerate(LATENCY_BUCKETS)} | {"+Inf": len(LATENCY_BUCKETS)}
+        counts: dict[str, list[float]] = {}
+        for family in self.seconds.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    row = counts.setdefault(sample.labels["function_name"], [0.0] * len(bounds))
+                    row[bounds[sample.labels["le"]]] += sample.value
+        for name, row in counts.items():
+            stats.setdefault(name, FunctionStats()).buckets = tuple(row)
+        return stats
 
     def replica_recycled(self, function: str, reason: str) -> None:
         self.recycled.labels(function, reason).inc()

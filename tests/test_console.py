@@ -1,0 +1,235 @@
+"""The operator's console in a real headless Chromium against a real gateway: sign in with the
+token, see the functions, invoke echo (text) and sentiment-analysis (JSON) through the form,
+upload an image to imgprocessing and see the processed image, read a log, scale echo to 2 and
+back. Plus the console origin's own rules, over plain HTTP: CSP, no function pages, tokens,
+Host/Origin, and the API origin not trusting the console's. Screenshots land in the test's
+tmp dir on failure."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, ROOT, RunningGateway, free_port, start_gateway
+from tests.functions.test_mnist_page import CHROMEDRIVER, CHROMIUM, FLAGS
+
+pytestmark = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()), reason="needs chromium + chromium-driver"
+)
+FUNCTIONS = ("echo", "sentiment-analysis", "imgprocessing")
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningGateway, str]]:
+    folder = tmp_path_factory.mktemp("console")
+    stack = folder / "stack.yaml"
+    stack.write_text(
+        "include:\n" + "".join(f"  - {ROOT}/functions/{name}/config.yaml\n" for name in FUNCTIONS)
+    )
+    console = f"127.0.0.1:{free_port()}"
+    gw = start_gateway(stack, folder / "gateway.log", "--console", console)
+    try:
+        gw.wait_ready(names=set(FUNCTIONS), timeout=120)
+        yield gw, f"http://{console}"
+    finally:
+        gw.stop()
+
+
+def fetch(url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def test_console_origin_rules(platform: tuple[RunningGateway, str]) -> None:
+    gw, console = platform
+    status, headers, body = fetch(console + "/")
+    assert status == 200 and b"OpenFx console" in body
+    assert headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert "blob:" in headers["Content-Security-Policy"] and "http" not in headers["Content-Security-Policy"]
+    # no function pages on the console's origin: the mnist page or any other would share its token
+    assert fetch(console + "/function/echo", "POST", b"hi")[0] == 404
+    # a function's output comes back as an attachment that cannot run as a document here
+    status, headers, body = fetch(console + "/console/invoke/echo", "POST", b"<script>x</script>", AUTH)
+    assert status == 200 and body == b"<script>x</script>"
+    assert headers["Content-Disposition"] == "attachment" and "sandbox" in headers["Content-Security-Policy"]
+    # managing takes the token, as on the API's origin (invoking and reading stay open on loopback)
+    assert fetch(console + "/system/function-log/echo")[0] == 401
+    assert fetch(console + "/system/function-log/echo", headers={"Authorization": "Bearer wrong"})[0] == 401
+    # Host and Origin rules of the API apply to the console's own origin
+    assert fetch(console + "/console/overview", headers={**AUTH, "Host": "evil.example:80"})[0] == 421
+    foreign = {**AUTH, "Origin": "http://evil.example"}
+    assert fetch(console + "/console/invoke/echo", "POST", b"x", foreign)[0] == 403
+    scale = json.dumps({"ServiceName": "echo", "Replicas": 1}).encode()
+    assert (
+        fetch(console + "/system/scale-function", "PUT", scale, {**AUTH, "Content-Type": "text/plain"})[0]
+        == 415
+    )
+    # the API's origin does not trust the console's: the console never calls it
+    status, _, _ = fetch(gw.http_url + "/system/functions", headers={**AUTH, "Origin": console})
+    assert status == 403
+    status, _, body = fetch(console + "/console/overview", headers=AUTH)
+    rows = {row["name"]: row for row in json.loads(body)["functions"]}
+    assert set(rows) == set(FUNCTIONS) and rows["echo"]["p50_ms"] is not None
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@contextlib.contextmanager
+def screenshot_on_failure(driver, folder: Path) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    try:
+        yield
+    except BaseException:
+        shot = folder / "console-failure.png"
+        driver.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
+        raise
+
+
+def wait(driver, condition, what: str, timeout: float = 60):  # type: ignore[no-untyped-def]
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, message=what)
+
+
+def by_id(driver, element_id: str):  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id)
+
+
+def jpeg() -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.indices((120, 160)).sum(axis=0) % 255).astype("uint8")
+    out = io.BytesIO()
+    Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def invoke(driver, kind: str, text: str = "", file: Path | None = None) -> str:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, f"input[name=kind][value={kind}]").click()
+    if file is not None:
+        by_id(driver, "input-file").send_keys(str(file))
+    else:
+        box = by_id(driver, "input-text")
+        box.clear()
+        box.send_keys(text)
+    by_id(driver, "result-status").get_attribute("textContent")
+    driver.execute_script("document.getElementById('result-status').textContent = ''")
+    by_id(driver, "invoke").click()
+    return wait(
+        driver,
+        lambda d: (s := by_id(d, "result-status").text) and not s.endswith("…") and s,
+        f"a result for {kind} input",
+    )
+
+
+def open_function(driver, console: str, name: str) -> None:  # type: ignore[no-untyped-def]
+    driver.get(f"{console}/#/fn/{name}")
+    wait(driver, lambda d: by_id(d, "fn-name").text == name and by_id(d, "config").text, f"{name}'s page")
+
+
+def test_console_in_chromium(browser, platform, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with screenshot_on_failure(browser, tmp_path):
+        drive_console(browser, platform[1], tmp_path)
+
+
+def drive_console(page, console: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    page.get(console + "/")
+    wait(page, lambda d: by_id(d, "login").is_displayed(), "the token form")
+    # keyboard only: the field has focus, Enter submits
+    page.switch_to.active_element.send_keys(ADMIN_TOKEN, Keys.ENTER)
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows tr")) == 3, "three functions listed")
+    assert "manage" in by_id(page, "who").text
+    assert page.execute_script("return sessionStorage.getItem('openfx-token')") == ADMIN_TOKEN
+
+    open_function(page, console, "echo")
+    assert invoke(page, "text", "hello <b>console</b>").startswith("200")
+    assert by_id(page, "result-text").text == "hello <b>console</b>"  # shown as text, not markup
+    assert not page.find_elements(By.CSS_SELECTOR, "#result-text b")
+
+    open_function(page, console, "sentiment-analysis")
+    status = invoke(page, "json", json.dumps({"text": "I love this wonderful console"}))
+    assert status.startswith("200"), status
+    assert json.loads(by_id(page, "result-text").text)["polarity"] > 0
+
+    open_function(page, console, "imgprocessing")
+    picture = tmp_path / "in.jpg"
+    picture.write_bytes(jpeg())
+    status = invoke(page, "file", file=picture)
+    assert "image/jpeg" in status, status
+    width = wait(
+        page,
+        lambda d: d.execute_script(
+            "const i = document.getElementById('result-image');"
+            "return !i.hidden && i.complete && i.naturalWidth"
+        ),
+        "the processed image shown",
+    )
+    assert width == 160
+
+    open_function(page, console, "echo")
+    by_id(page, "log-refresh").click()
+    wait(page, lambda d: "log read" in by_id(d, "log-status").text, "the log read")
+
+    for replicas in (2, 1):
+        field = by_id(page, "replicas")
+        field.clear()
+        field.send_keys(str(replicas), Keys.ENTER)
+        wait(page, lambda d, r=replicas: f"scaled echo to {r}" in by_id(d, "manage-status").text, "scaled")
+        wait(
+            page,
+            lambda d, r=replicas: f"replicas {r}/{r} ready" in by_id(d, "fn-status").text,
+            f"{replicas} ready",
+        )
+
+    # back on the list: echo's invocations and latency come from the gateway's histograms
+    page.get(console + "/#/")
+    wait(
+        page,
+        lambda d: d.execute_script(
+            "const r = document.querySelector('#rows tr[data-name=echo]');"
+            "return r && r.querySelector('.p50').textContent.endsWith('ms')"
+        ),
+        "echo's p50 shown",
+    )
+    # phone width: the page stays usable (no horizontal scroll of the page itself)
+    page.set_window_size(390, 800)
+    assert page.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    page.set_window_size(1000, 900)
