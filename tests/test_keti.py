@@ -7,10 +7,13 @@ beside themselves. The gateway runs with --open-management, as KETI's CLI sends 
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,7 +83,7 @@ def keti_gateway(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log = tmp_path_factory.mktemp("keti") / "gateway.log"
     gw = start_gateway(KETI / "stack.yaml", log, "--open-management", env=env, admin=False)
     try:
-        gw.wait_ready({"echo", "mesh-caller", "looper", "beside", "budget"})
+        gw.wait_ready({"echo", "mesh-caller", "looper", "beside", "budget", "headline-mood"}, timeout=120)
         yield gw
     finally:
         gw.stop()
@@ -177,3 +180,35 @@ def test_fn_info_prints_the_http_trigger_url(keti_gateway: RunningGateway) -> No
     shown = cli("fn", "info", "echo", "-g", keti_gateway.grpc_address, env={})
     assert shown.returncode == 0, shown.stderr
     assert f"url: {keti_gateway.http_url}/function/echo" in shown.stdout
+
+
+class _News(http.server.BaseHTTPRequestHandler):
+    PAGE = b"<html><a class='h'>A wonderful happy day</a><a class='h'>A terrible awful loss</a></html>"
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/robots.txt":
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(self.PAGE)))
+        self.end_headers()
+        self.wfile.write(self.PAGE)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_headline_mood_composes_crawler_and_sentiment(keti_gateway: RunningGateway) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _News)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/news.html"
+        body = json.dumps({"url": url, "selector": "a.h"}).encode()
+        out = wait_answer(keti_gateway.stub(None), "headline-mood", body).decode().splitlines()
+    finally:
+        server.shutdown()
+    assert [line.split(",")[0] for line in out] == ["1", "2"]
+    assert out[0].endswith(",A wonderful happy day") and float(out[0].split(",")[1]) > 0
+    assert out[1].endswith(",A terrible awful loss") and float(out[1].split(",")[1]) < 0
