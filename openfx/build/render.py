@@ -29,7 +29,8 @@ WATCHER_RUNTIME = (
     "pb",
     "watcher",
 )
-_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".venv", ".pytest_cache", "build")
+# .openfx: the state folder (and its image store, `fn build`'s output) may sit in the function folder
+_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".venv", ".pytest_cache", "build", ".openfx")
 
 
 def render_context(name: str, spec: FunctionSpec, output: Path) -> Path:
