@@ -17,6 +17,7 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_wheel_carries_package_data_and_fn_build_works_from_it(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
     source = tmp_path / "source"  # setuptools writes build/ into the tree it builds: not ours

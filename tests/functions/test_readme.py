@@ -26,6 +26,9 @@ import pytest
 
 from tests.conftest import ROOT
 
+# a whole platform (Spark included) comes up first: minutes on a loaded 2-core machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 README = ROOT / "README.md"
 NOT_RUN = "# not run here:"
 VENV_BIN = Path(sys.executable).parent
