@@ -246,7 +246,9 @@ def test_restart_backoff_grows_to_its_cap(gateway: RunningGateway) -> None:
     assert seen[:7] == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
 
 
-def test_restart_backoff_caps_and_resets_after_a_healthy_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restart_backoff_caps_and_resets_after_a_healthy_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The supervisor alone, on a fake clock: doubling from 0.25 s, capped at 10 s, and back to
     0.25 s after a replica that ran longer than 30 s (a run of exactly 30 s does not count)."""
     import asyncio
