@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -100,6 +104,18 @@ def test_caller_deadline_is_respected(gateway: RunningGateway) -> None:
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+@contextlib.contextmanager
+def latch_dir() -> Iterator[Path]:
+    """A folder the latch function can write its marks in: functions may run as another user
+    (the gateway's function user), who cannot enter pytest's private tmp folders."""
+    folder = Path(tempfile.mkdtemp(prefix="openfx-latch-"))
+    folder.chmod(0o777)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def wait_file(path: Path, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -168,7 +184,9 @@ def test_metrics_count_every_path_with_real_codes(gateway: RunningGateway) -> No
     text = requests.get(f"{gateway.http_url}/metrics", timeout=10).text
     assert 'gateway_service_count{function_name="echo"} 1.0' in text
     assert 'gateway_service_count{function_name="badimport"} 0.0' in text
-    assert 'gateway_functions_seconds_count{function_name="printer"}' in text
+    # latency by function and by the path it came in on
+    assert 'gateway_functions_seconds_count{function_name="printer",trigger="grpc"} 1.0' in text
+    assert 'gateway_functions_seconds_count{function_name="printer",trigger="http"} 1.0' in text
 
 
 def test_original_openfx_client_works_for_utf8_results(gateway: RunningGateway, tmp_path) -> None:

@@ -309,13 +309,20 @@ def test_stream_cap_and_slow_http_body(tmp_path: Path) -> None:
 def test_sigterm_drains_calls_and_streams(tmp_path: Path) -> None:
     """A call held inside its handler and an open stream, both in flight when SIGTERM arrives
     (and known to be: the handler reports its start, the stream its first frame), finish."""
+    from tests.test_gateway_invoke import latch_dir
+
+    with latch_dir() as marks:
+        drains(tmp_path, marks)
+
+
+def drains(tmp_path: Path, marks: Path) -> None:
     from tests.test_gateway_invoke import wait_file
 
     gw = start_gateway(FIXTURES / "stack.yaml", tmp_path / "gateway.log", "--max-message-bytes", str(8 * MiB))
     gw.wait_ready(names=READY_FUNCTIONS)
     results: dict[str, object] = {}
     first_frame = threading.Event()
-    held = tmp_path / "held"
+    held = marks / "held"
 
     def held_call() -> None:
         try:
