@@ -113,10 +113,9 @@ def test_a_call_reaches_the_replica_with_its_request_info_and_is_counted() -> No
     assert replica.timeouts == [7]
     assert (fn.invocations, fn.in_flight, replica.in_flight) == (1, 0, 0)
     assert count(metrics, "f", 200) == 1
-    assert metrics.registry.get_sample_value("gateway_functions_seconds_count", {"function_name": "f"}) == 1
-    assert (
-        0 <= metrics.registry.get_sample_value("gateway_functions_seconds_sum", {"function_name": "f"}) < 10
-    )
+    labels = {"function_name": "f", "trigger": "mqtt"}  # latency by function and trigger
+    assert metrics.registry.get_sample_value("gateway_functions_seconds_count", labels) == 1
+    assert 0 <= metrics.registry.get_sample_value("gateway_functions_seconds_sum", labels) < 10
     asyncio.run(invoker.invoke("f", b"again"))
     assert (replica.requests[1].info.Trigger.Name, replica.requests[1].info.Trigger.Topic) == ("grpc", "")
 

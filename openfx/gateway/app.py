@@ -273,7 +273,9 @@ class Gateway:
             if self.tokens.enabled:
                 raise OSError("--open-management contradicts the configured tokens: use one or the other")
             if not loopback:
-                raise OSError("--open-management is allowed only when every listener is on loopback")
+                raise OSError(
+                    "--open-management is allowed only when both listeners are on loopback (and the console)"
+                )
             log.warning(
                 "gateway: WARNING: management is OPEN (--open-management): any local user or program "
                 "that reaches %s can deploy code and run it as the functions' user",

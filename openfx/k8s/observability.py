@@ -1,4 +1,7 @@
-"""Prometheus scrape config and a Grafana dashboard for the gateway's metrics."""
+"""Prometheus scrape configs (Kubernetes, and the embedded platform on one machine) and a Grafana
+dashboard for the gateway's and the MQTT bridge's metrics. Every PromQL expression here is
+evaluated against a real Prometheus by tests/test_prometheus.py, so the dashboard cannot ship a
+query that returns nothing."""
 
 from __future__ import annotations
 
@@ -30,6 +33,31 @@ def prometheus_config(namespace: str = GATEWAY_NAMESPACE) -> dict[str, Any]:
             }
         ],
     }
+
+
+def embedded_prometheus_config(
+    gateway_http: str, bridge_metrics: str | None = None, interval: str = "5s"
+) -> dict[str, Any]:
+    """`openfx-cli up --monitoring`: the gateway's /metrics (functions, schedules, auth) and the MQTT
+    bridge's own /metrics (a separate process, broker/bridge.yaml's metrics_address)."""
+    jobs: list[dict[str, Any]] = [
+        {"job_name": "fxgateway", "metrics_path": "/metrics", "static_configs": [{"targets": [gateway_http]}]}
+    ]
+    if bridge_metrics:
+        jobs.append(
+            {
+                "job_name": "mqtt-bridge",
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": [bridge_metrics]}],
+            }
+        )
+    return {"global": {"scrape_interval": interval, "evaluation_interval": interval}, "scrape_configs": jobs}
+
+
+def dashboard_queries(dashboard: dict[str, Any] | None = None) -> list[str]:
+    """Every PromQL expression of the dashboard's panels."""
+    board = grafana_dashboard() if dashboard is None else dashboard
+    return [target["expr"] for panel in board["panels"] for target in panel["targets"]]
 
 
 def _panel(
@@ -114,6 +142,33 @@ def grafana_dashboard() -> dict[str, Any]:
                 "reqps",
                 0,
                 16,
+            ),
+            _panel(
+                6,
+                "Latency p99 by trigger",
+                [
+                    (
+                        "histogram_quantile(0.99, sum by (le, function_name, trigger) "
+                        "(rate(gateway_functions_seconds_bucket[1m])))",
+                        "{{function_name}} {{trigger}}",
+                    )
+                ],
+                "s",
+                12,
+                16,
+            ),
+            _panel(
+                7,
+                "MQTT bridge: messages, gateway calls by status, in flight",
+                [
+                    ("sum(rate(bridge_messages_received_total[1m]))", "received"),
+                    ("sum by (code) (rate(bridge_invocations_total[1m]))", "invoked {{code}}"),
+                    ("sum(rate(bridge_replies_total[1m]))", "replied"),
+                    ("sum(bridge_inflight)", "in flight"),
+                ],
+                "short",
+                0,
+                24,
             ),
         ],
     }

@@ -1,0 +1,178 @@
+"""Prometheus for real (Debian's `prometheus` package): the embedded platform (gateway, an MQTT
+broker and bridge, a schedule) runs on free loopback ports, a Prometheus of the test's own on
+another one scrapes it with the config `openfx-cli up --monitoring` writes, and after real calls
+(HTTP, MQTT, a refused one of each kind, a schedule slower than its tick) the HTTP API answers
+for the gateway's and the bridge's counters, and every PromQL expression of the Grafana dashboard
+in deploy/ returns data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from openfx import readiness
+from openfx.k8s.observability import dashboard_queries, embedded_prometheus_config
+from tests.conftest import ADMIN_TOKEN_FILE, FIXTURES, ROOT, free_port
+from tests.mqtt_helpers import Device
+from tests.test_triggers import ticks_file
+
+PROMETHEUS = shutil.which("prometheus")
+pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="needs Debian's prometheus package")
+DASHBOARD = ROOT / "deploy" / "grafana" / "openfx-gateway.json"
+
+
+def wait_until(condition, what: str, timeout: float = 90):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    tmp = tmp_path_factory.mktemp("monitoring")
+    mqtt_port, bridge_metrics = free_port(), f"127.0.0.1:{free_port()}"
+    bridge = yaml.safe_load((ROOT / "broker" / "bridge.yaml").read_text())
+    (tmp / "bridge.yaml").write_text(yaml.safe_dump({**bridge, "metrics_address": bridge_metrics}))
+    ticks = ticks_file()
+    (tmp / "stack.yaml").write_text(
+        f"include:\n  - {ROOT}/functions/echo/config.yaml\n"
+        f"mqtt: {{enabled: true, port: {mqtt_port}, bridge: bridge.yaml}}\n"
+        "functions:\n"
+        "  ticker:\n"  # slower than its tick: skipped ticks are counted
+        f"    handler: {{dir: {FIXTURES}/functions/ticker/src, file: handler.py}}\n"
+        "    schedule: '* * * * * *'\n"
+        f"    environment: {{TICKS_FILE: {ticks}, TICK_SECONDS: '1.5'}}\n"
+    )
+    grpc_address, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    state = tmp / "state"
+    log = open(tmp / "platform.log", "ab")  # noqa: SIM115 (closed with the process)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "openfx.launcher",
+            "-f",
+            str(tmp / "stack.yaml"),
+            "--grpc",
+            grpc_address,
+            "--http",
+            http,
+            "--admin-token-file",
+            str(ADMIN_TOKEN_FILE),
+            "--state-dir",
+            str(state),
+        ],  # fmt: skip
+        stdout=log,
+        stderr=log,
+        cwd=ROOT,
+    )
+    try:
+        line = readiness.wait(state / readiness.PLATFORM_READY, lambda: process.poll() is None, 120)
+        assert line is not None and "NOT ready" not in line, (tmp / "platform.log").read_text()[-2000:]
+        yield {"http": http, "mqtt_port": str(mqtt_port), "bridge_metrics": bridge_metrics, "tmp": str(tmp)}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def prometheus(platform: dict[str, str]) -> Iterator[str]:
+    """Our own Prometheus on a free port (a system service may hold 9090), scraping every second."""
+    tmp = Path(platform["tmp"])
+    config = embedded_prometheus_config(platform["http"], platform["bridge_metrics"], interval="1s")
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    address = f"127.0.0.1:{free_port()}"
+    log = open(tmp / "prometheus.log", "ab")  # noqa: SIM115 (closed with the process)
+    process = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address={address}",
+        ],  # fmt: skip
+        stdout=log,
+        stderr=log,
+    )
+    url = f"http://{address}"
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, (tmp / "prometheus.log").read_text()[-2000:]
+            try:
+                return requests.get(url + "/-/ready", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(ready, "prometheus ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def query(url: str, expr: str) -> list[dict]:
+    answer = requests.get(url + "/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def real_calls(platform: dict[str, str]) -> None:
+    http = "http://" + platform["http"]
+    for i in range(20):
+        assert requests.post(http + "/function/echo", data=f"call {i}", timeout=30).text == f"call {i}"
+    assert requests.post(http + "/function/nothere", data=b"x", timeout=30).status_code == 404
+    assert requests.get(http + "/system/function-log/echo", timeout=30).status_code == 401  # no token
+    assert requests.get(http + "/healthz", headers={"Host": "evil.example"}, timeout=30).status_code == 421
+    device = Device(int(platform["mqtt_port"]), ["fn/echo/reply"])
+    try:
+        device.request("fn/echo", b"over mqtt")
+        assert device.next().payload == b"over mqtt"
+    finally:
+        device.close()
+
+
+def test_prometheus_scrapes_the_platform_and_the_dashboard_returns_data(
+    platform: dict[str, str], prometheus: str
+) -> None:
+    real_calls(platform)
+    targets = wait_until(
+        lambda: (
+            (t := requests.get(prometheus + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"])
+            and all(x["health"] == "up" for x in t)
+            and t
+        ),
+        "both targets scraped",
+    )
+    assert {t["labels"]["job"] for t in targets} == {"fxgateway", "mqtt-bridge"}
+    echo = wait_until(
+        lambda: query(prometheus, 'sum(gateway_function_invocation_total{function_name="echo",code="200"})'),
+        "echo's invocations in prometheus",
+    )
+    assert float(echo[0]["value"][1]) >= 21  # 20 over HTTP, 1 over MQTT
+    bridge = wait_until(lambda: query(prometheus, 'bridge_invocations_total{code="OK"}'), "bridge counters")
+    assert float(bridge[0]["value"][1]) >= 1
+    by_trigger = wait_until(
+        lambda: query(prometheus, 'gateway_functions_seconds_count{function_name="echo",trigger="mqtt"}'),
+        "latency labelled by trigger",
+    )
+    assert float(by_trigger[0]["value"][1]) >= 1
+    # the dashboard shipped in deploy/ (kept equal to the renderer's output by tests/test_cluster.py)
+    shipped = dashboard_queries(json.loads(DASHBOARD.read_text()))
+    assert len(shipped) >= 8
+    for expr in shipped:
+        wait_until(lambda e=expr: query(prometheus, e), f"data for {expr}")
