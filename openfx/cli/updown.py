@@ -3,12 +3,14 @@
 `up` runs the gateway (which starts one watcher process per function replica) in
 the foreground, Ctrl-C stopping all of it; `up -d` starts it in the background,
 waits until every function is ready, and `down` stops it. State (pid, log) lives
-in `.openfx/` beside the stack file, or in $OPENFX_HOME.
+in `.openfx/` beside the stack file, or in $OPENFX_HOME. `up --monitoring` also starts
+Debian's Prometheus (when installed) scraping the gateway and the MQTT bridge.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +18,11 @@ import time
 from pathlib import Path
 
 import click
+import yaml
 
 from openfx import readiness
 from openfx.cli.token import ensure_local_token
-from openfx.config import ConfigError, load_stack
+from openfx.config import ConfigError, StackFile, load_stack
 from openfx.gateway.app import GatewaySettings
 from openfx.state import state_dir
 
@@ -52,6 +55,26 @@ def _running_pid(pid_file: Path) -> int | None:
     show_default=True,
     help="gateway HTTP address",
 )
+@click.option(
+    "--console",
+    "console_address",
+    envvar="OPENFX_CONSOLE_ADDR",
+    default=GatewaySettings.console_address,
+    show_default=True,
+    help="the operator's web console ('' for none)",
+)
+@click.option(
+    "--monitoring",
+    is_flag=True,
+    help="also start Prometheus (Debian's `prometheus` package) scraping the gateway and the bridge",
+)
+@click.option(
+    "--prometheus",
+    "prometheus_address",
+    default="127.0.0.1:9090",
+    show_default=True,
+    help="where --monitoring's Prometheus listens",
+)
 @click.option("--mqtt-port", type=int, default=None, help="broker port (default: the stack file's mqtt.port)")
 @click.option("--no-mqtt", is_flag=True, help="start without the MQTT broker and bridge")
 @click.option("--timeout", default=180.0, show_default=True, help="seconds to wait for readiness (-d)")
@@ -65,6 +88,9 @@ def up(
     detach: bool,
     grpc_address: str,
     http_address: str,
+    console_address: str,
+    monitoring: bool,
+    prometheus_address: str,
     mqtt_port: int | None,
     no_mqtt: bool,
     timeout: float,
@@ -75,7 +101,7 @@ def up(
     Calling functions stays open on loopback; managing them needs the local admin token this
     command creates (our CLI reads it by itself; `openfx-cli token` prints it)."""
     try:
-        load_stack(stack_file)
+        stack = load_stack(stack_file)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     access: list[str] = []
@@ -100,18 +126,38 @@ def up(
         grpc_address,
         "--http",
         http_address,
+        "--console",
+        console_address,
         *access,
     ]
     if mqtt_port is not None:
         args += ["--mqtt-port", str(mqtt_port)]
     if no_mqtt:
         args.append("--no-mqtt")
-    if not detach:
-        os.execv(sys.executable, args)  # the platform owns the terminal; Ctrl-C drains and stops all of it
     folder = state_dir(stack_file)
     pid_file = folder / "gateway.pid"
-    if (pid := _running_pid(pid_file)) is not None:
+    if detach and (pid := _running_pid(pid_file)) is not None:
         raise click.ClickException(f"already running (pid {pid}); stop it with 'openfx-cli down'")
+    prometheus = None
+    if monitoring:
+        bridge = None if no_mqtt else _bridge_metrics(stack, stack_file)
+        prometheus = _start_prometheus(folder, prometheus_address, http_address, bridge)
+    if not detach:
+        _console_hint(console_address)
+        if prometheus is None:  # the platform owns the terminal; Ctrl-C drains and stops all of it
+            os.execv(sys.executable, args)
+        platform = subprocess.Popen(args)  # Prometheus beside it, stopped once the platform is
+        try:
+            while platform.poll() is None:
+                try:
+                    platform.wait()
+                except KeyboardInterrupt:  # the platform got the SIGINT too and is draining
+                    continue
+        finally:
+            prometheus.terminate()
+            prometheus.wait(30)
+            (folder / "prometheus.pid").unlink(missing_ok=True)
+        return
     log_path = folder / "gateway.log"  # rotated by the platform itself (--log-file)
     ready_file = folder / readiness.PLATFORM_READY
     readiness.clear(ready_file)
@@ -124,12 +170,71 @@ def up(
             start_new_session=True,
         )
     pid_file.write_text(str(proc.pid))
-    line = _wait_until_ready(proc, timeout, ready_file, log_path)
+    try:
+        line = _wait_until_ready(proc, timeout, ready_file, log_path)
+    except click.ClickException:
+        if prometheus is not None:  # nothing to watch
+            prometheus.terminate()
+            (folder / "prometheus.pid").unlink(missing_ok=True)
+        raise
     if "NOT ready" in line:
         click.echo(f"platform: {line}", err=True)
     click.echo(
         f"OpenFx is up (pid {proc.pid}): grpc {grpc_address}, http http://{http_address}; log: {log_path}"
     )
+    _console_hint(console_address)
+    if prometheus is not None:
+        click.echo(f"prometheus: http://{prometheus_address}/ (stopped by 'openfx-cli down')")
+
+
+def _console_hint(console_address: str) -> None:
+    if console_address and not console_address.endswith(":0"):
+        click.echo(f"console: http://{console_address}/ (sign in with the token 'openfx-cli token' prints)")
+
+
+def _bridge_metrics(stack: StackFile, stack_file: str) -> str | None:
+    """The MQTT bridge's metrics_address (its own process, its own /metrics), if it has one."""
+    if stack.mqtt is None or not stack.mqtt.enabled:
+        return None
+    from openfx.bridge.config import load_bridge_config
+
+    try:
+        config = load_bridge_config(Path(stack_file).resolve().parent / stack.mqtt.bridge)
+    except Exception:  # the platform reports a broken bridge config itself
+        return None
+    return config.metrics_address or None
+
+
+def _start_prometheus(
+    folder: Path, address: str, gateway_http: str, bridge_metrics: str | None
+) -> subprocess.Popen[bytes]:
+    """Debian's Prometheus with a config for this platform, its data and log in the state folder."""
+    from openfx.k8s.observability import embedded_prometheus_config
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise click.ClickException("--monitoring needs Prometheus: apt-get install prometheus")
+    if (pid := _running_pid(folder / "prometheus.pid")) is not None:
+        raise click.ClickException(f"prometheus already running (pid {pid}); stop it with 'openfx-cli down'")
+    config = folder / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(embedded_prometheus_config(gateway_http, bridge_metrics), sort_keys=False)
+    )
+    with open(folder / "prometheus.log", "ab") as out:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={folder / 'prometheus-data'}",
+                f"--web.listen-address={address}",
+            ],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    (folder / "prometheus.pid").write_text(str(proc.pid))
+    return proc
 
 
 def _wait_until_ready(proc: subprocess.Popen[bytes], timeout: float, ready_file: Path, log_path: Path) -> str:
@@ -165,7 +270,11 @@ def _tail(path: Path, count: int = 5) -> list[str]:
 @click.option("-f", "--file", "stack_file", default="openfx.yaml", show_default=True, help="stack file")
 @click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for a clean stop")
 def down(stack_file: str, timeout: float) -> None:
-    """Stop the background platform started by `up -d`."""
+    """Stop the background platform started by `up -d` (and its Prometheus, if --monitoring)."""
+    prometheus_pid = state_dir(stack_file) / "prometheus.pid"
+    if (pid := _running_pid(prometheus_pid)) is not None:
+        os.kill(pid, signal.SIGTERM)
+    prometheus_pid.unlink(missing_ok=True)
     pid_file = state_dir(stack_file) / "gateway.pid"
     pid = _running_pid(pid_file)
     if pid is None:
