@@ -192,9 +192,14 @@ def test_up_detached_and_down(tmp_path: Path) -> None:
     """The whole embedded platform: gateway + functions + mosquitto + bridge, then down."""
     stack = tmp_path / "openfx.yaml"
     mqtt_port = free_port()
+    # the repo's bridge.yaml with its metrics on a free port (9101 may be taken by another platform)
+    bridge = tmp_path / "bridge.yaml"
+    bridge.write_text(
+        (ROOT / "broker/bridge.yaml").read_text().replace("127.0.0.1:9101", f"127.0.0.1:{free_port()}")
+    )
     stack.write_text(
         f"include: [{ROOT}/functions/echo/config.yaml]\n"
-        f"mqtt: {{port: {mqtt_port}, persistence: false, bridge: {ROOT}/broker/bridge.yaml}}\n"
+        f"mqtt: {{port: {mqtt_port}, persistence: false, bridge: {bridge}}}\n"
     )
     grpc_address, http_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     user_config = tmp_path / "home" / "config.yaml"  # a new user: no config, no token yet
