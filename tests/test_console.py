@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, ROOT, RunningGateway, free_port, start_gateway
-from tests.functions.test_mnist_page import CHROMEDRIVER, CHROMIUM, FLAGS
+from tests.functions import test_mnist_page
+from tests.functions.test_mnist_page import CHROMEDRIVER, CHROMIUM
 
 pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()), reason="needs chromium + chromium-driver"
 )
 FUNCTIONS = ("echo", "sentiment-analysis", "imgprocessing")
+browser = test_mnist_page.browser  # the same headless Chromium (Debian's, never one downloaded)
 
 
 @pytest.fixture(scope="module")
@@ -84,24 +86,6 @@ def test_console_origin_rules(platform: tuple[RunningGateway, str]) -> None:
     status, _, body = fetch(console + "/console/overview", headers=AUTH)
     rows = {row["name"]: row for row in json.loads(body)["functions"]}
     assert set(rows) == set(FUNCTIONS) and rows["echo"]["p50_ms"] is not None
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @contextlib.contextmanager
