@@ -57,6 +57,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         f"    environment: {{TICKS_FILE: {ticks}, TICK_SECONDS: '1.5'}}\n"
     )
     grpc_address, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    console = f"127.0.0.1:{free_port()}"
     state = tmp / "state"
     log = open(tmp / "platform.log", "ab")  # noqa: SIM115 (closed with the process)
     process = subprocess.Popen(
@@ -74,7 +75,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
             str(ADMIN_TOKEN_FILE),
             "--state-dir",
             str(state),
-        ],  # fmt: skip
+            "--console",
+            console,
+        ],
         stdout=log,
         stderr=log,
         cwd=ROOT,
@@ -82,7 +85,13 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     try:
         line = readiness.wait(state / readiness.PLATFORM_READY, lambda: process.poll() is None, 120)
         assert line is not None and "NOT ready" not in line, (tmp / "platform.log").read_text()[-2000:]
-        yield {"http": http, "mqtt_port": str(mqtt_port), "bridge_metrics": bridge_metrics, "tmp": str(tmp)}
+        yield {
+            "http": http,
+            "console": console,
+            "mqtt_port": str(mqtt_port),
+            "bridge_metrics": bridge_metrics,
+            "tmp": str(tmp),
+        }
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
@@ -103,7 +112,7 @@ def prometheus(platform: dict[str, str]) -> Iterator[str]:
             f"--config.file={tmp / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp / 'tsdb'}",
             f"--web.listen-address={address}",
-        ],  # fmt: skip
+        ],
         stdout=log,
         stderr=log,
     )
@@ -176,3 +185,32 @@ def test_prometheus_scrapes_the_platform_and_the_dashboard_returns_data(
     assert len(shipped) >= 8
     for expr in shipped:
         wait_until(lambda e=expr: query(prometheus, e), f"data for {expr}")
+
+
+def test_console_quantiles_match_prometheus(platform: dict[str, str], prometheus: str) -> None:
+    """The console's p50/p99 (computed in the gateway from the same buckets) agree with PromQL's
+    histogram_quantile over the same counts, once Prometheus has scraped echo's last call (echo is
+    idle after it; the console's first read covers everything since start)."""
+    from tests.conftest import ADMIN_HEADERS
+
+    http = f"http://{platform['http']}"
+    requests.post(http + "/function/echo", data=b"one more", timeout=30)
+    served = sum(
+        float(line.split()[-1])
+        for line in requests.get(http + "/metrics", timeout=10).text.splitlines()
+        if line.startswith('gateway_functions_seconds_count{function_name="echo"')
+    )
+    count = 'sum(gateway_functions_seconds_count{function_name="echo"})'
+    wait_until(
+        lambda: (r := query(prometheus, count)) and float(r[0]["value"][1]) == served,
+        "echo's last call scraped",
+    )
+    url = f"http://{platform['console']}/console/overview"
+    rows = requests.get(url, headers=ADMIN_HEADERS, timeout=10).json()["functions"]
+    row = next(row for row in rows if row["name"] == "echo")
+    for q, key in ((0.5, "p50_ms"), (0.99, "p99_ms")):
+        expr = (
+            f'histogram_quantile({q}, sum by (le) (gateway_functions_seconds_bucket{{function_name="echo"}}))'
+        )
+        promql = float(query(prometheus, expr)[0]["value"][1]) * 1000
+        assert row[key] == pytest.approx(promql, rel=1e-3, abs=1e-3), (key, row, promql)
