@@ -217,3 +217,30 @@ def drive_console(page, console: str, tmp_path: Path) -> None:  # type: ignore[n
     page.set_window_size(390, 800)
     assert page.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
     page.set_window_size(1000, 900)
+
+
+def test_console_off_loopback_needs_tokens() -> None:
+    """The console is a listener like the others: without configured tokens it stays on loopback."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "openfx.gateway",
+            "--no-functions",
+            "--grpc",
+            f"127.0.0.1:{free_port()}",
+            "--http",
+            f"127.0.0.1:{free_port()}",
+            "--console",
+            f"0.0.0.0:{free_port()}",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("OPENFX_")},
+    )
+    assert out.returncode == 1 and "refusing to serve" in out.stderr and "console 0.0.0.0" in out.stderr
