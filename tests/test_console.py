@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -221,10 +224,6 @@ def drive_console(page, console: str, tmp_path: Path) -> None:  # type: ignore[n
 
 def test_console_off_loopback_needs_tokens() -> None:
     """The console is a listener like the others: without configured tokens it stays on loopback."""
-    import os
-    import subprocess
-    import sys
-
     out = subprocess.run(
         [
             sys.executable,
@@ -237,7 +236,7 @@ def test_console_off_loopback_needs_tokens() -> None:
             f"127.0.0.1:{free_port()}",
             "--console",
             f"0.0.0.0:{free_port()}",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=60,
