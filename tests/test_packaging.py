@@ -37,6 +37,9 @@ def test_wheel_carries_package_data_and_fn_build_works_from_it(tmp_path: Path) -
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in (
         "openfx/gateway/openapi.yaml",
+        "openfx/console/static/index.html",  # the console: nothing may load from the internet
+        "openfx/console/static/console.js",
+        "openfx/console/static/console.css",
         "openfx/templates/python3/handler.py",
         "openfx/bundled/mosquitto.conf",
         "openfx/bundled/dockerfiles/python3/Dockerfile",
