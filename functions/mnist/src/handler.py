@@ -1,12 +1,15 @@
-"""Handwritten-digit recognition: the seed's aggregated model, served.
+"""Handwritten-digit recognition on MNIST: the seeds' aggregated model, served.
 
-Input (one request):
-- a PNG or JPEG of a digit (any size, dark-on-light or light-on-dark);
-- JSON: an array of pixels or `{"pixels": [...]}` (64 UCI values 0..16, flat or 8x8, or any
-  square gray image such as 28x28 MNIST), or a list of `{"pixels": ...}` objects for a batch;
-- CSV lines in the seeds' csv2 layout: `label,pixels...` (64 UCI pixels, or 784 = MNIST's 28x28
-  0..255), or the pixels alone;
+Input (one request), MNIST's own forms first:
+- a PNG or JPEG of a digit (any size, dark-on-light or light-on-dark, a 28x28 MNIST image or a
+  photo), preprocessed as MNIST was made: the ink size-normalised into a 20x20 box and centred by
+  mass in 28x28, light on black;
+- JSON: MNIST's 784 pixels 0..255 (flat or 28 rows of 28) or `{"pixels": [...]}`, used as they
+  are; rows of any other gray image are preprocessed like an upload; a list of `{"pixels": ...}`
+  objects is a batch;
+- CSV lines in the seeds' csv2 layout: `label,784 pixels` or the 784 pixels alone;
 - nothing, through the HTTP trigger: the demo web page (upload or draw a digit).
+The 8x8 UCI digits (64 values) are refused with a message saying what to send.
 Output: JSON `{"digit": d, "probabilities": [p0..p9]}` (a list for batches; csv2 input gets CSV
 lines `label,prediction,probability`).
 
