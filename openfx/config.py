@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from openfx import defaults
 
 # a DNS label (Kubernetes Service names, Unix socket paths stay short): at most 63 characters
 NAME_RE = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DEFAULT_GATEWAY = defaults.GATEWAY_GRPC
+CONCURRENCY_TARGET = 10.0  # autoscaling: calls in flight per replica it aims for (Knative's is 100)
+STABLE_WINDOW = 60.0  # autoscaling: load under the target this long before replicas are removed
 
 
 class ConfigError(Exception):
@@ -74,8 +76,14 @@ class FunctionSpec(_Strict):
     # additions
     timeout: float = defaults.TIMEOUT_SECONDS
     max_inflight: int = Field(default=defaults.MAX_INFLIGHT, ge=1)
-    replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=0, ge=0)  # cluster mode: > replicas adds a HorizontalPodAutoscaler
+    replicas: int = Field(default=1, ge=0)  # the count it starts with (and keeps, autoscaling off)
+    # autoscaling (README "Scaling"): on when max_replicas > min_replicas, or with scale_to_zero_after;
+    # min/max default to replicas (0 for min with scale_to_zero_after); cluster mode maps them to an HPA
+    min_replicas: int | None = Field(default=None, ge=0)
+    max_replicas: int = Field(default=0, ge=0)  # 0: replicas
+    concurrency_target: float = Field(default=CONCURRENCY_TARGET, gt=0)  # in flight per replica
+    scale_to_zero_after: float = 0.0  # idle this long -> zero replicas (0: never)
+    stable_window: float = STABLE_WINDOW  # load this long under the target before scaling down
     max_request_bytes: int = Field(default=0, ge=0)  # 0: only the gateway-wide limit
     schedule: str | None = None  # cron ("*/5 * * * *"; a sixth field counts seconds): the schedule trigger
     schedule_input: str = ""  # the input each scheduled run gets
@@ -91,6 +99,33 @@ class FunctionSpec(_Strict):
         if seconds <= 0:
             raise ValueError("timeout must be positive")
         return seconds
+
+    @field_validator("scale_to_zero_after", "stable_window", mode="before")
+    @classmethod
+    def _parse_window(cls, value: Any) -> float:
+        seconds = _seconds(value)
+        if seconds < 0:
+            raise ValueError("must not be negative")
+        return seconds
+
+    @model_validator(mode="after")
+    def _check_scaling(self) -> FunctionSpec:
+        if self.scale_to_zero_after and self.min_replicas:
+            raise ValueError("scale_to_zero_after needs min_replicas: 0 (or unset)")
+        if self.max_replicas and self.max_replicas < self.min_count:
+            raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_count}")
+        return self
+
+    @property
+    def min_count(self) -> int:
+        """min_replicas as meant: 0 with scale_to_zero_after, else the starting count."""
+        if self.min_replicas is not None:
+            return self.min_replicas
+        return 0 if self.scale_to_zero_after else self.replicas
+
+    @property
+    def max_count(self) -> int:
+        return max(self.max_replicas or self.replicas, self.min_count, 1)
 
     @field_validator("schedule")
     @classmethod

@@ -16,7 +16,9 @@ from pathlib import Path
 import grpc
 
 from openfx import defaults
+from openfx.config import CONCURRENCY_TARGET as CONCURRENCY_TARGET_DEFAULT
 from openfx.config import NAME_RE, FunctionSpec
+from openfx.config import STABLE_WINDOW as STABLE_WINDOW_DEFAULT
 from openfx.errors import InvokeError
 from openfx.pb import fxgateway_pb2 as gpb
 
@@ -29,6 +31,11 @@ MAX_REQUEST_BYTES = "openfx.max_request_bytes"
 SCHEDULE = "openfx.schedule"
 SCHEDULE_INPUT = "openfx.schedule.input"
 SCHEDULE_ENABLED = "openfx.schedule.enabled"
+# autoscaling (MinReplicas/MaxReplicas carry the bounds): the starting count and the autoscaler's knobs
+REPLICAS = "openfx.replicas"
+CONCURRENCY_TARGET = "openfx.concurrency_target"
+SCALE_TO_ZERO_AFTER = "openfx.scale_to_zero_after"
+STABLE_WINDOW = "openfx.stable_window"
 
 # Caps on what one Deploy may ask for: replicas are processes (the scale route has the same cap),
 # and the environment is passed to exec, which refuses past the kernel's argument limits.
@@ -88,6 +95,12 @@ def to_request(name: str, spec: FunctionSpec) -> gpb.CreateFunctionRequest:
         annotations[SCHEDULE] = spec.schedule
         annotations[SCHEDULE_INPUT] = spec.schedule_input
         annotations[SCHEDULE_ENABLED] = "true" if spec.schedule_enabled else "false"
+    if spec.max_count > spec.min_count or spec.scale_to_zero_after:
+        annotations[REPLICAS] = str(spec.replicas)
+        annotations[CONCURRENCY_TARGET] = repr(spec.concurrency_target)
+        annotations[STABLE_WINDOW] = repr(spec.stable_window)
+        if spec.scale_to_zero_after:
+            annotations[SCALE_TO_ZERO_AFTER] = repr(spec.scale_to_zero_after)
     if spec.desc:
         annotations["desc"] = spec.desc
     if spec.maintainer:
@@ -105,8 +118,8 @@ def to_request(name: str, spec: FunctionSpec) -> gpb.CreateFunctionRequest:
         Requests=gpb.FunctionResources(
             Memory=spec.requests.memory, CPU=spec.requests.cpu, GPU=spec.requests.gpu
         ),
-        MinReplicas=spec.replicas,
-        MaxReplicas=max(spec.max_replicas or spec.replicas, spec.replicas, 1),
+        MinReplicas=spec.min_count,
+        MaxReplicas=spec.max_count,
     )
 
 
@@ -127,8 +140,17 @@ class FunctionDef:
     replicas: int = 1
     max_request_bytes: int = 0  # 0: only the gateway-wide message limit
     max_replicas: int = 1
+    min_replicas: int = 1
+    concurrency_target: float = CONCURRENCY_TARGET_DEFAULT
+    scale_to_zero_after: float = 0.0  # 0: never
+    stable_window: float = STABLE_WINDOW_DEFAULT
     limits: dict[str, str] = field(default_factory=dict)
     requests: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def autoscaling(self) -> bool:
+        """The embedded gateway moves the count within [min_replicas, max_replicas] by load."""
+        return self.max_replicas > self.min_replicas or self.scale_to_zero_after > 0
 
     @classmethod
     def from_request(cls, req: gpb.CreateFunctionRequest) -> FunctionDef:
@@ -143,10 +165,18 @@ class FunctionDef:
             timeout = float(ann.get(TIMEOUT, defaults.TIMEOUT_SECONDS))
             max_inflight = int(ann.get(MAX_INFLIGHT, defaults.MAX_INFLIGHT))
             max_request_bytes = int(ann.get(MAX_REQUEST_BYTES, "0"))
+            target = float(ann.get(CONCURRENCY_TARGET, CONCURRENCY_TARGET_DEFAULT))
+            to_zero = float(ann.get(SCALE_TO_ZERO_AFTER, "0"))
+            window = float(ann.get(STABLE_WINDOW, STABLE_WINDOW_DEFAULT))
+            starting = int(ann[REPLICAS]) if REPLICAS in ann else None
         except ValueError as exc:
             raise InvokeError(bad, f"bad annotation: {exc}") from None
         if timeout <= 0 or max_inflight < 1 or max_request_bytes < 0:
             raise InvokeError(bad, f"{TIMEOUT} must be > 0 and {MAX_INFLIGHT} >= 1")
+        if not (target > 0 and to_zero >= 0 and window >= 0) or target != target:
+            raise InvokeError(
+                bad, f"{CONCURRENCY_TARGET} must be > 0, {SCALE_TO_ZERO_AFTER} and {STABLE_WINDOW} >= 0"
+            )
         check_replicas(req.MinReplicas, "MinReplicas")
         check_replicas(req.MaxReplicas, "MaxReplicas")
         _check_env(dict(req.EnvVars))
@@ -156,7 +186,14 @@ class FunctionDef:
 
             if not croniter.is_valid(ann[SCHEDULE]):
                 raise InvokeError(bad, f"{SCHEDULE}: not a cron expression: {ann[SCHEDULE][:80]!r}")
+        if starting is not None:
+            check_replicas(starting, REPLICAS)
         source = ann.get(SOURCE)
+        # without openfx.replicas (KETI's CLI, older ones): MinReplicas is the fixed count, as before
+        low = req.MinReplicas if req.MinReplicas or req.MaxReplicas else 1
+        high = max(req.MaxReplicas, req.MinReplicas, 1)
+        if starting is None:
+            starting = low
         return cls(
             name=req.Service,
             image=req.Image,
@@ -169,8 +206,12 @@ class FunctionDef:
             timeout=timeout,
             max_inflight=max_inflight,
             max_request_bytes=max_request_bytes,
-            replicas=req.MinReplicas if req.MinReplicas or req.MaxReplicas else 1,
-            max_replicas=max(req.MaxReplicas, req.MinReplicas, 1),
+            replicas=min(max(starting, low), high),
+            min_replicas=low,
+            max_replicas=high,
+            concurrency_target=target,
+            scale_to_zero_after=to_zero if low == 0 else 0.0,
+            stable_window=window,
             limits={"memory": req.Limits.Memory, "cpu": req.Limits.CPU, "gpu": req.Limits.GPU},
             requests={"memory": req.Requests.Memory, "cpu": req.Requests.CPU, "gpu": req.Requests.GPU},
         )

@@ -18,9 +18,11 @@ process group and everything left in its cgroup.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
+import math
 import os
 import signal
 import sys
@@ -92,6 +94,7 @@ class LocalReplica:
         self.errors_this_run = 0
         self.task: asyncio.Task[None] | None = None
         self.running = False  # inside a run (not waiting out a backoff)
+        self.ever_ready = False  # a replica that never was is "starting": calls wait for it (activator)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._supervise(), name=self.label)
@@ -101,6 +104,7 @@ class LocalReplica:
         while not self.stopping:
             started = time.monotonic()
             self.running = True
+            runs = self.runs
             try:
                 await self._run_once()
             except asyncio.CancelledError:
@@ -111,6 +115,10 @@ class LocalReplica:
                 self.running = False
             if self.stopping:
                 break
+            if not self.ever_ready or self.runs == runs:
+                # a start that failed (its reason is in fn.last_error by now): callers waiting get it
+                self.fn.start_failures += 1
+                self.fn.wake()
             if time.monotonic() - started > HEALTHY_RESET:
                 backoff = BACKOFF_FIRST
             self.restarts += 1
@@ -177,8 +185,11 @@ class LocalReplica:
         try:
             if await self._wait_ready():
                 self.ready = True
+                self.ever_ready = True
+                self.fn.last_active = time.monotonic()  # idleness counts from a replica being up
                 self.fn.last_error = ""
                 self.fn.update_gauge()
+                self.fn.wake()
             await self.process.wait()
         finally:
             self.ready = False
@@ -348,6 +359,11 @@ class LocalReplica:
     def connected(self) -> bool:
         return self.framed is not None
 
+    @property
+    def starting(self) -> bool:
+        """Never ready yet and on its way (its first run not begun, or in it): calls wait for it."""
+        return not self.ever_ready and not self.stopping and (self.running or self.runs == 0)
+
     async def call(self, request: wpb.Request, timeout: float) -> wpb.Reply:
         framed = self.framed
         if framed is None:
@@ -379,6 +395,14 @@ class LocalFunction:
     enforcement: Enforcement = field(default_factory=Enforcement)
     backend: EmbeddedBackend | None = None
     _rr: itertools.count[int] = field(default_factory=itertools.count)
+    # scaling: a count pinned by ReplicaUpdate (None: the autoscaler's), replicas leaving, load samples
+    pinned: int | None = None
+    draining: set[LocalReplica] = field(default_factory=set)
+    start_failures: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+    last_change: float = field(default_factory=time.monotonic)
+    samples: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+    _waiters: set[asyncio.Future[None]] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -418,9 +442,9 @@ class LocalFunction:
     def scale_to(self, count: int) -> list[LocalReplica]:
         """Start replicas up to `count`; return the ones to stop (newest first)."""
         while len(self.replicas) < count:
-            replica = LocalReplica(
-                self, len(self.replicas), self.run_dir, self.max_message_bytes, self.backend
-            )
+            used = {r.index for r in self.replicas} | {r.index for r in self.draining}
+            index = next(i for i in itertools.count() if i not in used)  # a leaving one keeps its dirs
+            replica = LocalReplica(self, index, self.run_dir, self.max_message_bytes, self.backend)
             self.replicas.append(replica)
             replica.start()
         surplus = self.replicas[count:]
@@ -428,6 +452,122 @@ class LocalFunction:
         self.definition.replicas = count
         self.update_gauge()
         return surplus
+
+    def rescale(self, count: int, event: str, why: str) -> list[LocalReplica]:
+        """scale_to with the decision logged (and counted in /metrics as a scale event `event`)."""
+        before = len(self.replicas)
+        surplus = self.scale_to(count)
+        self.last_change = time.monotonic()
+        if count != before and event:
+            self.note(f"{self.name}: scaling {before} -> {count} replicas ({event}): {why}")
+        if self.backend is not None:
+            self.backend.scaled(self.name, count, event if count != before else "")
+        return surplus
+
+    # -- autoscaling -------------------------------------------------------
+
+    @property
+    def scale_notes(self) -> dict[str, str]:
+        """`fn info` annotations: how the count is decided."""
+        d = self.definition
+        if self.pinned is not None:
+            how = f"pinned at {self.pinned} (openfx-cli fn scale {self.name} --auto to release)"
+        elif not d.autoscaling:
+            how = "fixed"
+        else:
+            how = f"auto {d.min_replicas}..{d.max_replicas}, {d.concurrency_target:g} in flight per replica"
+            if d.scale_to_zero_after:
+                how += f", to zero after {d.scale_to_zero_after:g}s idle"
+        return {"openfx.scaling": how}
+
+    def autoscale(self, now: float) -> list[LocalReplica]:
+        """One look at the load (each monitor tick); return the replicas to retire.
+
+        Up: the mean in flight over the last tenth of the stable window (at least 0.4 s, as
+        Knative's panic window) needs more replicas at `concurrency_target` each. Down: the peak
+        over a whole stable window without a change needs fewer. Zero: no call for
+        `scale_to_zero_after` with min_replicas 0. Never outside [min_replicas, max_replicas]."""
+        d = self.definition
+        self.samples.append((now, self.in_flight))
+        if self.in_flight:
+            self.last_active = now
+        window = max(d.stable_window, MONITOR_INTERVAL * 2)
+        while self.samples and self.samples[0][0] < now - window - MONITOR_INTERVAL:
+            self.samples.popleft()
+        if not d.autoscaling or self.pinned is not None or self._waiters:
+            return []
+        current = len(self.replicas)
+        target = d.concurrency_target
+        if current and d.min_replicas == 0 and d.scale_to_zero_after and not self.in_flight:
+            starting = any(r.starting or (r.running and not r.ready) for r in self.replicas)
+            idle = now - self.last_active
+            if idle >= d.scale_to_zero_after and not starting:
+                return self.rescale(0, "zero", f"no call for {idle:.1f}s (scale_to_zero_after)")
+        if not current:
+            return []  # the next call starts one (acquire)
+        up_window = min(max(window / 10, 0.4), 6.0)
+        recent = [n for t, n in self.samples if t >= now - up_window]
+        spans = self.samples[0][0] <= now - up_window
+        if recent and spans and now - self.last_change >= up_window:
+            mean = sum(recent) / len(recent)
+            want = min(max(math.ceil(mean / target), d.min_replicas, 1), d.max_replicas)
+            if want > current:
+                per = mean / max(self.available, 1)
+                why = (
+                    f"{mean:.1f} calls in flight over {up_window:g}s, {per:.1f} per ready replica, "
+                    f"above the target of {target:g}"
+                )
+                return self.rescale(want, "up", why)
+        if now - self.last_change >= window and self.samples[0][0] <= now - window:
+            peak = max(n for t, n in self.samples if t >= now - window)
+            want = min(max(math.ceil(peak / target), d.min_replicas, 1), d.max_replicas)
+            if want < current:
+                why = f"at most {peak} calls in flight over {window:g}s (target {target:g} per replica)"
+                return self.rescale(want, "down", why)
+        return []
+
+    # -- the activator -----------------------------------------------------
+
+    def wake(self) -> None:
+        """A replica became ready or failed to start: callers waiting in acquire look again."""
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def acquire(self, timeout: float) -> LocalReplica:
+        """A ready replica for a call, waiting up to `timeout` for one that is starting: from zero
+        (the first call starts one; concurrent first calls share it) or right after a deploy."""
+        loop = asyncio.get_running_loop()
+        self.last_active = time.monotonic()
+        deadline = loop.time() + timeout
+        failures = self.start_failures
+        while True:
+            if any(r.ready for r in self.replicas):
+                return self.pick()
+            if not self.replicas:
+                if self.pinned is not None or not self.definition.autoscaling:
+                    return self.pick()  # UNAVAILABLE: scaled to zero by hand
+                self.rescale(1, "activate", "a call arrived while scaled to zero")
+            elif self.start_failures != failures:
+                detail = f": {self.last_error}" if self.last_error else ""
+                raise InvokeError(UNAVAILABLE, f"function {self.name} could not start{detail}")
+            elif not any(r.starting for r in self.replicas):
+                return self.pick()  # restarting after a crash: fail fast, as before
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise InvokeError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"function {self.name} was not ready within {timeout:g}s (a cold start; "
+                    "it goes on starting)",
+                )
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.add(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                self._waiters.discard(waiter)
 
     def pick(self) -> LocalReplica:
         """The ready replica with the fewest calls in flight (round robin among equals)."""
@@ -488,6 +628,8 @@ class EmbeddedBackend:
         self.cgroups = Cgroups.detect() if cgroups is True else (cgroups or None)
         self.functions: dict[str, LocalFunction] = {}
         self.on_gauge: object = None
+        self.on_scale: Callable[[str, int, str], None] | None = None
+        self._draining: set[asyncio.Task[None]] = set()
         self._user_ok = self.user is None
         self._monitor: asyncio.Task[None] | None = None
         where = (
@@ -609,7 +751,7 @@ class EmbeddedBackend:
         if definition.name in self.functions:  # deployed by another call while we checked
             raise InvokeError(grpc.StatusCode.ALREADY_EXISTS, f"function {definition.name} already exists")
         self.functions[definition.name] = fn
-        fn.scale_to(definition.replicas)
+        fn.rescale(definition.replicas, "", "deployed")
 
     async def update(self, definition: FunctionDef) -> None:
         """Replace the function's replicas with new ones (counters and logs are kept)."""
@@ -620,20 +762,55 @@ class EmbeddedBackend:
         old_replicas = old.replicas
         old.replicas = []
         self.functions[definition.name] = fn
-        await asyncio.gather(*(r.stop(self.grace) for r in old_replicas))
-        fn.scale_to(definition.replicas)
+        await asyncio.gather(*(r.stop(self.grace) for r in [*old_replicas, *old.draining]))
+        fn.rescale(definition.replicas, "", "updated")
 
     async def delete(self, name: str) -> None:
         fn = self.get(name)
         del self.functions[name]
-        await asyncio.gather(*(r.stop(self.grace) for r in fn.replicas))
+        await asyncio.gather(*(r.stop(self.grace) for r in [*fn.replicas, *fn.draining]))
         fn.replicas = []
         fn.update_gauge()
 
     async def scale(self, name: str, count: int) -> None:
+        """ReplicaUpdate: set the count and pin it there (the autoscaler leaves it) until unpin."""
         fn = self.get(name)
-        surplus = fn.scale_to(count)
+        fn.pinned = count
+        surplus = fn.rescale(count, "pin", "set by ReplicaUpdate; the autoscaler leaves it until unpinned")
         await asyncio.gather(*(r.stop(self.grace) for r in surplus))
+
+    async def unpin(self, name: str) -> None:
+        """Give the count back to the autoscaler (`openfx-cli fn scale NAME --auto`)."""
+        fn = self.get(name)
+        if fn.pinned is not None:
+            fn.note(f"{name}: released the pinned count of {fn.pinned}; autoscaling decides again")
+        fn.pinned = None
+        fn.last_change = fn.last_active = time.monotonic()
+
+    def scaled(self, name: str, desired: int, event: str) -> None:
+        """Tell /metrics the desired count (and count a scale event unless `event` is empty)."""
+        listener = self.on_scale
+        if listener is None:  # the gateway wires on_gauge to its metrics: their scale hook is beside it
+            listener = getattr(getattr(self.on_gauge, "__self__", None), "scaled", None)
+        if callable(listener):
+            listener(name, desired, event)
+
+    def _retire(self, fn: LocalFunction, replicas: list[LocalReplica]) -> None:
+        """Stop replicas the autoscaler removed, once the calls they hold are answered."""
+        for replica in replicas:
+            fn.draining.add(replica)
+            task = asyncio.get_running_loop().create_task(self._drain(fn, replica), name=replica.label)
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
+    async def _drain(self, fn: LocalFunction, replica: LocalReplica) -> None:
+        try:
+            deadline = time.monotonic() + fn.definition.timeout + self.timeout_grace
+            while replica.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(MONITOR_INTERVAL)
+            await replica.stop(self.grace)
+        finally:
+            fn.draining.discard(replica)
 
     async def _watch(self) -> None:
         """The monitor: memory (cgroup OOM kills, or RSS without a cgroup) and overdue calls."""
@@ -654,6 +831,10 @@ class EmbeddedBackend:
         for replica in replicas:
             replica.check_memory(groups)
             replica.check_calls(now, self.timeout_grace)
+        for fn in list(self.functions.values()):
+            surplus = fn.autoscale(now)
+            if surplus:
+                self._retire(fn, surplus)
 
     async def wait_ready(self, timeout: float) -> list[str]:
         """Wait until every function has its replicas ready; return the names that are not."""
@@ -675,8 +856,12 @@ class EmbeddedBackend:
         return self.get(name).logs.text()
 
     async def close(self) -> None:
-        replicas = [r for fn in self.functions.values() for r in fn.replicas]
+        if self._monitor is not None:
+            self._monitor.cancel()  # no scaling while we stop
+        replicas = [r for fn in self.functions.values() for r in [*fn.replicas, *fn.draining]]
         await asyncio.gather(*(r.stop(self.grace) for r in replicas))
+        for task in list(self._draining):
+            task.cancel()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

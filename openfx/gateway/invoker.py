@@ -78,7 +78,10 @@ class Invoker:
         try:
             fn = self._admit(name, payload)
             timeout = fn.definition.timeout if deadline is None else min(deadline, fn.definition.timeout)
-            replica = fn.pick()
+            acquire = getattr(fn, "acquire", None)  # embedded: waits for a replica starting (from zero)
+            replica = await acquire(timeout) if acquire else fn.pick()
+            if (waited := time.perf_counter() - started) > 0.01:  # a cold start used part of the time
+                timeout = max(timeout - waited, 0.001)
             fn.in_flight += 1
             replica.in_flight += 1
             try:
@@ -107,7 +110,8 @@ class Invoker:
         if self.streams >= self.max_streams:
             raise InvokeError(RESOURCE_EXHAUSTED, f"{self.max_streams} streams already open (max_streams)")
         fn = self._admit(name, first)
-        replica = fn.pick()
+        acquire = getattr(fn, "acquire", None)
+        replica = await acquire(fn.definition.timeout) if acquire else fn.pick()
         stamps: list[float] = []
         refused: list[InvokeError] = []
 

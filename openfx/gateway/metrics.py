@@ -131,5 +131,25 @@ class GatewayMetrics:
     def set_replicas(self, function: str, count: int) -> None:
         self.replicas.labels(function).set(count)
 
+    def scaled(self, function: str, desired: int, event: str = "") -> None:
+        """The desired replicas (autoscaler, activator or pin) and, unless `event` is empty, one scale
+        event (up, down, zero, activate, pin). Made on first use, beside the ready-replica gauge."""
+        if not hasattr(self, "desired"):
+            self.desired = Gauge(
+                "gateway_service_desired_count",
+                "Desired replicas per function (ready: gateway_service_count)",
+                ["function_name"],
+                registry=self.registry,
+            )
+            self.scale_events = Counter(
+                "gateway_scale_events_total",
+                "Replica count changes by the autoscaler (up/down/zero), the activator or a pin",
+                ["function_name", "event"],
+                registry=self.registry,
+            )
+        self.desired.labels(function).set(desired)
+        if event:
+            self.scale_events.labels(function, event).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
