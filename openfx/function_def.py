@@ -36,6 +36,9 @@ REPLICAS = "openfx.replicas"
 CONCURRENCY_TARGET = "openfx.concurrency_target"
 SCALE_TO_ZERO_AFTER = "openfx.scale_to_zero_after"
 STABLE_WINDOW = "openfx.stable_window"
+# ReplicaUpdate's Replicas (uint64) at its maximum, -1 as a uint64: give a pinned count back to the
+# autoscaler (`openfx-cli fn scale NAME --auto`); any count up to MAX_REPLICAS pins it
+SCALE_AUTO = 2**64 - 1
 
 # Caps on what one Deploy may ask for: replicas are processes (the scale route has the same cap),
 # and the environment is passed to exec, which refuses past the kernel's argument limits.

@@ -15,7 +15,7 @@ from openfx.cli.aliases import AliasGroup
 from openfx.cli.gateway_client import Gateway, resolve_gateway
 from openfx.cli.token import configured_token_file, read_token
 from openfx.config import NAME_RE, ConfigError, StackFile, load_stack
-from openfx.function_def import to_request
+from openfx.function_def import SCALE_AUTO, to_request
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.state import state_dir
 
@@ -319,6 +319,8 @@ def call(ctx: click.Context, name: str, timeout: float | None) -> None:
 def _status(fn: gpb.Function) -> str:
     if fn.AvailableReplicas > 0:
         return "Ready"
+    if fn.Replicas == 0 and fn.Annotations.get("openfx.scaling", "").startswith("auto"):
+        return "Scaled to zero"  # the next call starts one
     if "openfx.error" in fn.Annotations:
         return "Error"
     return "Not Ready"
@@ -347,7 +349,7 @@ def list_functions(ctx: click.Context, config: str | None) -> None:
             fn.Image,
             fn.Annotations.get("maintainer", ""),
             str(fn.InvocationCount),
-            f"{fn.AvailableReplicas}/{fn.Replicas}",
+            f"{fn.AvailableReplicas}/{fn.Replicas}",  # ready / desired
             _status(fn),
             fn.Annotations.get("desc", ""),
         )
@@ -372,6 +374,7 @@ def info(ctx: click.Context, name: str, config: str | None) -> None:
         "invocationcount": fn.InvocationCount,
         "replicas": fn.Replicas,
         "availablereplicas": fn.AvailableReplicas,
+        "scaling": fn.Annotations.get("openfx.scaling", ""),  # fixed, auto MIN..MAX ..., or pinned
         "status": _status(fn),
         "url": f"{_http_base(gw)}/function/{fn.Name}",  # the HTTP trigger (KETI's CLI prints the gRPC port)
         # each limit and how the gateway enforces it, e.g. memory: 256Mi (cgroup v1)
@@ -382,6 +385,23 @@ def info(ctx: click.Context, name: str, config: str | None) -> None:
         "labels": dict(fn.Labels),
     }
     click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@function.command()
+@click.argument("name")
+@click.argument("replicas", type=click.IntRange(0), required=False)
+@click.option("--auto", is_flag=True, help="release a pinned count: the autoscaler decides again")
+@_subgateway
+@click.pass_context
+def scale(ctx: click.Context, name: str, replicas: int | None, auto: bool) -> None:
+    """Set NAME's replicas to REPLICAS and pin them there (the autoscaler leaves the count), or
+    with --auto give the count back to the autoscaler."""
+    if (replicas is None) == (not auto):
+        raise click.ClickException("give a replica count or --auto (not both)")
+    count = SCALE_AUTO if auto else replicas
+    gw = _gateway(ctx)
+    gw.call(gw.stub.ReplicaUpdate, gpb.ScaleServiceRequest(ServiceName=name, Replicas=count), 60, what=name)
+    click.echo(f"{name}: autoscaling" if auto else f"{name}: pinned at {replicas} replicas")
 
 
 @function.command()

@@ -11,6 +11,7 @@ import yaml
 
 from openfx import __version__
 from openfx.errors import InvokeError
+from openfx.function_def import SCALE_AUTO as AUTO
 from openfx.function_def import FunctionDef
 from openfx.gateway.backend import Backend
 from openfx.gateway.backend import DeployedFunction as Function
@@ -31,6 +32,7 @@ class Management:
         d = fn.definition
         annotations = dict(d.annotations)
         annotations.update(getattr(fn, "limit_notes", {}))  # e.g. openfx.limits.memory: 256Mi (cgroup v1)
+        annotations.update(getattr(fn, "scale_notes", {}))  # e.g. openfx.scaling: auto 0..4, ...
         if fn.last_error and fn.available == 0:
             annotations["openfx.error"] = fn.last_error
         return gpb.Function(
@@ -67,6 +69,16 @@ class Management:
         return gpb.Message(Msg=(await self.backend.logs(name)).encode())
 
     async def scale(self, name: str, replicas: int) -> gpb.Message:
+        """Pin the count (the autoscaler leaves it), or with AUTO give it back to the autoscaler."""
+        if replicas == AUTO:
+            unpin = getattr(self.backend, "unpin", None)
+            if unpin is None:
+                raise InvokeError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"the {self.backend.mode} backend has no autoscaler to give {name} back to",
+                )
+            await unpin(name)
+            return OK
         if replicas > MAX_REPLICAS:
             raise InvokeError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_REPLICAS} replicas in embedded mode"

@@ -1,0 +1,159 @@
+"""Serverless scaling in the embedded platform, end to end (real gateway, real watcher processes):
+the autoscaler follows load within [min, max], idle functions go to zero, the first call after zero
+waits for a replica (the activator), a pinned count holds until released. Every wait polls the
+gateway's own state (GetMeta, /metrics) with a bounded deadline."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import requests
+
+from openfx.function_def import SCALE_AUTO
+from openfx.pb import fxgateway_pb2 as gpb
+from tests.conftest import ADMIN_HEADERS, FIXTURES, RunningGateway, start_gateway
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    gateway = start_gateway(FIXTURES / "autoscale.yaml", tmp_path_factory.mktemp("gw") / "gateway.log")
+    try:
+        gateway.wait_ready(names={"burst", "idle", "twin", "fixed"})
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def meta(gw: RunningGateway, name: str) -> gpb.Function:
+    return gw.stub().GetMeta(gpb.FunctionRequest(FunctionName=name), timeout=5)
+
+
+def counts(gw: RunningGateway, name: str) -> tuple[int, int]:
+    """(desired, ready) replicas as GetMeta reports them."""
+    fn = meta(gw, name)
+    return fn.Replicas, fn.AvailableReplicas
+
+
+def call(gw: RunningGateway, name: str, data: bytes = b"pid", timeout: float = 30) -> bytes:
+    return gw.stub().Invoke(gpb.InvokeServiceRequest(Service=name, Input=data), timeout=timeout).Msg
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 60) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric(gw: RunningGateway, name: str, **labels: str) -> float:
+    text = requests.get(f"{gw.http_url}/metrics", timeout=5).text
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and ",".join(sorted(match.group(1).split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def test_a_burst_adds_replicas_and_they_go_when_load_falls(gw: RunningGateway) -> None:
+    assert counts(gw, "burst") == (1, 1)
+    assert meta(gw, "burst").Annotations["openfx.scaling"].startswith("auto 1..3")
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            call(gw, "burst", b"x")
+
+    with ThreadPoolExecutor(6) as pool:
+        workers = [pool.submit(load) for _ in range(6)]
+        try:
+            wait_for(lambda: seen.append(counts(gw, "burst")[1]) or seen[-1] >= 2, "a second ready replica")
+        finally:
+            stop.set()
+        for worker in workers:
+            worker.result()
+    assert counts(gw, "burst")[0] <= 3  # never above max_replicas
+    wait_for(lambda: counts(gw, "burst") == (1, 1), "back to min_replicas once the load is gone")
+    assert metric(gw, "gateway_scale_events_total", function_name="burst", event="up") >= 1
+    assert metric(gw, "gateway_scale_events_total", function_name="burst", event="down") >= 1
+    assert metric(gw, "gateway_service_desired_count", function_name="burst") == 1
+    assert "calls in flight" in gw.log() and "above the target of 1" in gw.log()  # the log says why
+
+
+def test_an_idle_function_goes_to_zero_and_the_next_call_is_answered(gw: RunningGateway) -> None:
+    wait_for(lambda: counts(gw, "idle") == (0, 0), "idle scaled to zero")
+    assert "no call for" in gw.log()
+    assert call(gw, "idle", b"hello") == b"hello"  # waits for the replica it starts
+    assert counts(gw, "idle") == (1, 1)
+    assert metric(gw, "gateway_scale_events_total", function_name="idle", event="zero") >= 1
+    assert metric(gw, "gateway_scale_events_total", function_name="idle", event="activate") >= 1
+    # over HTTP too: the same activator
+    wait_for(lambda: counts(gw, "idle") == (0, 0), "idle scaled to zero again")
+    assert requests.post(f"{gw.http_url}/function/idle", data=b"again", timeout=30).content == b"again"
+
+
+def test_concurrent_cold_calls_share_one_start(gw: RunningGateway) -> None:
+    assert counts(gw, "cold") == (0, 0)
+    with ThreadPoolExecutor(8) as pool:
+        pids = list(pool.map(lambda _: call(gw, "cold"), range(8)))
+    assert len(set(pids)) == 1  # one replica answered them all
+    assert counts(gw, "cold") == (1, 1)
+    assert metric(gw, "gateway_scale_events_total", function_name="cold", event="activate") == 1
+
+
+def test_a_deadline_shorter_than_the_cold_start_and_the_replica_still_comes_up(gw: RunningGateway) -> None:
+    assert counts(gw, "colder") == (0, 0)
+    with pytest.raises(grpc.RpcError) as err:
+        call(gw, "colder", timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: counts(gw, "colder") == (1, 1), "the replica up after the caller left")
+    assert call(gw, "colder", b"warm") == b"warm"
+
+
+def test_a_function_that_cannot_start_answers_unavailable_with_the_reason(gw: RunningGateway) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        call(gw, "broken")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "module_that_does_not_exist" in (err.value.details() or "")
+
+
+def test_a_pinned_count_holds_until_released(gw: RunningGateway) -> None:
+    stub = gw.stub()
+    stub.ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="twin", Replicas=2), timeout=30)
+    wait_for(lambda: counts(gw, "twin") == (2, 2), "twin pinned at 2")
+    assert meta(gw, "twin").Annotations["openfx.scaling"].startswith("pinned at 2")
+    # idle, like its twin, which goes to zero: the pinned one stays
+    call(gw, "idle")
+    wait_for(lambda: counts(gw, "idle") == (0, 0), "idle, unpinned, at zero")
+    assert counts(gw, "twin") == (2, 2)
+    stub.ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="twin", Replicas=SCALE_AUTO), timeout=30)
+    wait_for(lambda: counts(gw, "twin") == (0, 0), "twin back to the autoscaler, at zero")
+    # the REST route takes the same value
+    body = {"ServiceName": "twin", "Replicas": "1"}
+    reply = requests.put(f"{gw.http_url}/system/scale-function", json=body, headers=ADMIN_HEADERS, timeout=30)
+    assert reply.status_code == 200, reply.text
+    wait_for(lambda: counts(gw, "twin") == (1, 1), "twin pinned at 1 over REST")
+    body["Replicas"] = str(SCALE_AUTO)
+    reply = requests.put(f"{gw.http_url}/system/scale-function", json=body, headers=ADMIN_HEADERS, timeout=30)
+    assert reply.status_code == 200, reply.text
+    wait_for(lambda: counts(gw, "twin") == (0, 0), "twin released over REST")
+
+
+def test_without_scaling_keys_the_count_is_fixed(gw: RunningGateway) -> None:
+    fn = meta(gw, "fixed")
+    assert (fn.Replicas, fn.AvailableReplicas) == (1, 1)
+    assert fn.Annotations["openfx.scaling"] == "fixed"
+    # idle longer than the idle function needs to reach zero: still one replica
+    call(gw, "idle")
+    wait_for(lambda: counts(gw, "idle") == (0, 0), "idle at zero")
+    assert counts(gw, "fixed") == (1, 1)
