@@ -104,7 +104,6 @@ class LocalReplica:
         while not self.stopping:
             started = time.monotonic()
             self.running = True
-            runs = self.runs
             try:
                 await self._run_once()
             except asyncio.CancelledError:
@@ -115,10 +114,6 @@ class LocalReplica:
                 self.running = False
             if self.stopping:
                 break
-            if not self.ever_ready or self.runs == runs:
-                # a start that failed (its reason is in fn.last_error by now): callers waiting get it
-                self.fn.start_failures += 1
-                self.fn.wake()
             if time.monotonic() - started > HEALTHY_RESET:
                 backoff = BACKOFF_FIRST
             self.restarts += 1
@@ -157,6 +152,17 @@ class LocalReplica:
         return {fn_module.GATEWAY_ENV: address}
 
     async def _run_once(self) -> None:
+        """One run; a first start that fails wakes the callers waiting for it (they get the reason)."""
+        try:
+            await self._run()
+        except Exception as exc:
+            self.fn.note(f"{self.label}: cannot start: {exc}", error=True)
+        finally:
+            if not self.ever_ready and not self.stopping:
+                self.fn.start_failures += 1  # its reason is in fn.last_error by now
+                self.fn.wake()
+
+    async def _run(self) -> None:
         fn = self.fn.definition
         assert fn.handler_dir is not None and self.backend is not None
         self.runs += 1
