@@ -89,7 +89,10 @@ def function_manifests(fn: FunctionDef, namespace: str = FUNCTION_NAMESPACE) -> 
         },
     }
     manifests = [deployment, service]
-    if fn.max_replicas > max(fn.replicas, 1):
+    # min_replicas/max_replicas bound the HPA (on CPU; concurrency_target needs custom metrics). An
+    # HPA never goes below 1: scale to zero (min_replicas 0, scale_to_zero_after) on Kubernetes needs
+    # an activator outside it, KEDA's HTTP add-on or Knative Serving (README "Scaling")
+    if fn.max_replicas > max(fn.min_replicas, 1):
         manifests.append(
             {
                 "apiVersion": "autoscaling/v2",
@@ -97,7 +100,7 @@ def function_manifests(fn: FunctionDef, namespace: str = FUNCTION_NAMESPACE) -> 
                 "metadata": {"name": fn.name, "namespace": namespace, "labels": labels},
                 "spec": {
                     "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": fn.name},
-                    "minReplicas": max(fn.replicas, 1),
+                    "minReplicas": max(fn.min_replicas, 1),
                     "maxReplicas": fn.max_replicas,
                     "metrics": [
                         {
