@@ -56,6 +56,7 @@ BACKOFF_CAP = 10.0
 HEALTHY_RESET = 30.0  # a replica that ran this long starts its backoff afresh
 TIMEOUT_GRACE = 2.0  # a call this long past the function's timeout gets its replica recycled
 MONITOR_INTERVAL = 0.2
+ACTIVATION_WAIT = 300.0  # a call without a deadline waits this long for a cold start (Knative's default)
 WATCHER_THREADS = 16  # the watcher's default pool (WATCHER_THREADS)
 
 
@@ -540,10 +541,13 @@ class LocalFunction:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def acquire(self, timeout: float) -> LocalReplica:
-        """A ready replica for a call, waiting up to `timeout` for one that is starting: from zero
-        (the first call starts one; concurrent first calls share it) or right after a deploy."""
+    async def acquire(self, deadline: float | None) -> LocalReplica:
+        """A ready replica for a call, waiting for one that is starting: from zero (the first call
+        starts one; concurrent first calls share it) or right after a deploy. The wait lasts up to
+        the caller's `deadline` (seconds), or without one up to ACTIVATION_WAIT, or the function's
+        timeout when longer (the call then gets its whole timeout)."""
         loop = asyncio.get_running_loop()
+        timeout = deadline if deadline is not None else max(ACTIVATION_WAIT, self.definition.timeout)
         self.last_active = time.monotonic()
         deadline = loop.time() + timeout
         failures = self.start_failures

@@ -78,10 +78,10 @@ class Invoker:
         try:
             fn = self._admit(name, payload)
             timeout = fn.definition.timeout if deadline is None else min(deadline, fn.definition.timeout)
-            acquire = getattr(fn, "acquire", None)  # embedded: waits for a replica starting (from zero)
-            replica = await acquire(timeout) if acquire else fn.pick()
-            if (waited := time.perf_counter() - started) > 0.01:  # a cold start used part of the time
-                timeout = max(timeout - waited, 0.001)
+            acquire = getattr(fn, "acquire", None)  # embedded: waits (within the deadline) for a start
+            replica = await acquire(deadline) if acquire else fn.pick()
+            if deadline is not None and (waited := time.perf_counter() - started) > 0.01:
+                timeout = max(min(timeout, deadline - waited), 0.001)  # a cold start used part of it
             fn.in_flight += 1
             replica.in_flight += 1
             try:
@@ -111,7 +111,7 @@ class Invoker:
             raise InvokeError(RESOURCE_EXHAUSTED, f"{self.max_streams} streams already open (max_streams)")
         fn = self._admit(name, first)
         acquire = getattr(fn, "acquire", None)
-        replica = await acquire(fn.definition.timeout) if acquire else fn.pick()
+        replica = await acquire(None) if acquire else fn.pick()
         stamps: list[float] = []
         refused: list[InvokeError] = []
 
