@@ -18,13 +18,14 @@ import requests
 from openfx.function_def import SCALE_AUTO
 from openfx.pb import fxgateway_pb2 as gpb
 from tests.conftest import ADMIN_HEADERS, FIXTURES, RunningGateway, start_gateway
+from tests.test_cli import cli
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     gateway = start_gateway(FIXTURES / "autoscale.yaml", tmp_path_factory.mktemp("gw") / "gateway.log")
     try:
-        gateway.wait_ready(names={"burst", "idle", "twin", "fixed"})
+        gateway.wait_ready(names={"burst", "idle", "twin", "fixed", "streamy", "solo"})
         yield gateway
     finally:
         gateway.stop()
@@ -157,3 +158,25 @@ def test_without_scaling_keys_the_count_is_fixed(gw: RunningGateway) -> None:
     call(gw, "idle")
     wait_for(lambda: counts(gw, "idle") == (0, 0), "idle at zero")
     assert counts(gw, "fixed") == (1, 1)
+
+
+def test_a_stream_after_zero_starts_a_replica(gw: RunningGateway) -> None:
+    wait_for(lambda: counts(gw, "streamy") == (0, 0), "streamy at zero")
+    frames = (gpb.InvokeServiceRequest(Service="streamy", Input=x) for x in (b"a", b"b", b"c"))
+    outputs = [m.Output for m in gw.stub().Invokes(frames, timeout=30)]
+    assert outputs == [b"a", b"b", b"c"]
+
+
+def test_the_cli_pins_releases_and_shows_the_scaling(gw: RunningGateway) -> None:
+    where = ("-g", gw.grpc_address)
+    out = cli("fn", "scale", "solo", "2", *where, env=gw.admin_env)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: counts(gw, "solo") == (2, 2), "solo pinned at 2")
+    info = cli("fn", "info", "solo", *where, env=gw.admin_env).stdout.decode()
+    assert "scaling: pinned at 2" in info
+    out = cli("fn", "scale", "solo", "--auto", *where, env=gw.admin_env)
+    assert out.returncode == 0 and b"solo: autoscaling" in out.stdout, out.stderr
+    wait_for(lambda: counts(gw, "solo") == (0, 0), "solo back at zero")
+    listing = cli("fn", "list", *where, env=gw.admin_env).stdout.decode()
+    assert re.search(r"solo .* 0/0 +Scaled to zero", listing), listing
+    assert cli("fn", "scale", "solo", *where, env=gw.admin_env).returncode != 0  # a count or --auto
