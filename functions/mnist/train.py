@@ -110,7 +110,9 @@ def train_distributed(
     """[(rows, weights)] per partition after the last round, and the averaged weights: every round
     trains one network per partition in parallel Spark tasks, the driver averages them."""
     lines = spark.sparkContext.textFile(str(folder / "train"), minPartitions=1)  # one split per file
-    if lines.getNumPartitions() != partitions:
+    if lines.getNumPartitions() > partitions:  # a file read as several splits: merge neighbours back
+        lines = lines.coalesce(partitions)
+    elif lines.getNumPartitions() < partitions:
         lines = lines.repartition(partitions)
     shards = lines.mapPartitionsWithIndex(load_shard).cache()
     weights = Network.initial(layers, SEED).flat()  # every trainer starts from the same weights
