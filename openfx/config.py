@@ -79,8 +79,8 @@ class FunctionSpec(_Strict):
     replicas: int = Field(default=1, ge=0)  # the count it starts with (and keeps, autoscaling off)
     # autoscaling (README "Scaling"): on when max_replicas > min_replicas, or with scale_to_zero_after;
     # min/max default to replicas (0 for min with scale_to_zero_after); cluster mode maps them to an HPA
-    min_replicas: int | None = Field(default=None, ge=0)
-    max_replicas: int = Field(default=0, ge=0)  # 0: replicas
+    min_replicas: int | None = Field(default=None, ge=0, le=defaults.MAX_REPLICAS)
+    max_replicas: int = Field(default=0, ge=0, le=defaults.MAX_REPLICAS)  # 0: replicas
     concurrency_target: float = Field(default=CONCURRENCY_TARGET, gt=0)  # in flight per replica
     scale_to_zero_after: float = 0.0  # idle this long -> zero replicas (0: never)
     stable_window: float = STABLE_WINDOW  # load this long under the target before scaling down

@@ -10,12 +10,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
 import requests
+from pydantic import ValidationError
 
-from openfx.function_def import SCALE_AUTO
+from openfx.config import FunctionSpec, load_stack
+from openfx.errors import InvokeError
+from openfx.function_def import REPLICAS, SCALE_AUTO, FunctionDef, to_request
 from openfx.pb import fxgateway_pb2 as gpb
 from tests.conftest import ADMIN_HEADERS, FIXTURES, RunningGateway, start_gateway
 from tests.test_cli import cli
@@ -180,3 +184,41 @@ def test_the_cli_pins_releases_and_shows_the_scaling(gw: RunningGateway) -> None
     listing = cli("fn", "list", *where, env=gw.admin_env).stdout.decode()
     assert re.search(r"solo .* 0/0 +Scaled to zero", listing), listing
     assert cli("fn", "scale", "solo", *where, env=gw.admin_env).returncode != 0  # a count or --auto
+
+
+def test_the_config_keys_and_what_a_deploy_carries(tmp_path: Path) -> None:
+    def spec(**keys: object) -> FunctionSpec:
+        return FunctionSpec.model_validate(keys)
+
+    plain = FunctionDef.from_request(to_request("f", spec()))
+    assert (plain.replicas, plain.min_replicas, plain.max_replicas, plain.autoscaling) == (1, 1, 1, False)
+    assert REPLICAS not in plain.annotations  # nothing added when nothing is asked
+    lazy = spec(scale_to_zero_after="5m")
+    assert (lazy.scale_to_zero_after, lazy.min_count, lazy.max_count) == (300.0, 0, 1)
+    request = to_request("f", lazy)
+    assert (request.MinReplicas, request.MaxReplicas) == (0, 1)
+    fn = FunctionDef.from_request(request)
+    assert (fn.replicas, fn.min_replicas, fn.scale_to_zero_after, fn.autoscaling) == (1, 0, 300.0, True)
+    wide = FunctionDef.from_request(
+        to_request("f", spec(replicas=2, max_replicas=4, concurrency_target=3, stable_window="10s"))
+    )
+    assert (wide.replicas, wide.min_replicas, wide.max_replicas) == (2, 2, 4)
+    assert (wide.concurrency_target, wide.stable_window) == (3.0, 10.0)
+    for bad in (
+        {"scale_to_zero_after": "1m", "min_replicas": 1},
+        {"max_replicas": 65},
+        {"concurrency_target": 0},
+        {"replicas": 3, "max_replicas": 2},
+        {"scale_to_zero_after": "soon"},
+    ):
+        with pytest.raises(ValidationError):
+            spec(**bad)
+    config = "functions:\n  f:\n    scale_to_zero_after: 2m\n    max_replicas: 3\n"
+    (tmp_path / "config.yaml").write_text(config)
+    loaded = load_stack(tmp_path / "config.yaml").functions["f"]
+    assert (loaded.min_count, loaded.max_count, loaded.scale_to_zero_after) == (0, 3, 120.0)
+    # a KETI request (no openfx.replicas): MinReplicas is the count, as before
+    keti = FunctionDef.from_request(gpb.CreateFunctionRequest(Service="k", MinReplicas=2, MaxReplicas=2))
+    assert (keti.replicas, keti.autoscaling) == (2, False)
+    with pytest.raises(InvokeError, match="MaxReplicas must be between 0 and 64"):
+        FunctionDef.from_request(gpb.CreateFunctionRequest(Service="k", MaxReplicas=65))
