@@ -10,7 +10,19 @@ import pytest
 
 from tests.conftest import ROOT
 
-BENCHES = ["echo", "functions", "video", "load", "soak", "mqtt", "pyspark", "mnist", "isolation", "guards"]
+BENCHES = [
+    "echo",
+    "functions",
+    "video",
+    "load",
+    "soak",
+    "mqtt",
+    "pyspark",
+    "mnist",
+    "isolation",
+    "guards",
+    "scaling",
+]
 
 
 @pytest.mark.parametrize("bench", BENCHES)
