@@ -43,7 +43,8 @@ class Gateway:
         stack.write_text(
             f"include: [{tree}/functions/echo/config.yaml]\nfunctions:\n  echo:\n    max_inflight: 1000\n"
         )
-        env = {**os.environ, "PYTHONPATH": str(tree)}
+        # the console (port 31115 by default) on a free port: two gateways run side by side
+        env = {**os.environ, "PYTHONPATH": str(tree), "OPENFX_CONSOLE_ADDR": "127.0.0.1:0"}
         env.pop("OPENFX_TOKEN", None)
         self.process = subprocess.Popen(
             [
