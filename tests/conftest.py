@@ -11,9 +11,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -59,6 +60,23 @@ os.environ.setdefault("OPENFX_CONSOLE_ADDR", "127.0.0.1:0")
 # a user config naming that token file, as `openfx-cli up` leaves ~/.openfx/config.yaml (CLI tests use it)
 USER_CONFIG = _TOKEN_DIR / "config.yaml"
 USER_CONFIG.write_text(f"openfx:\n  token_file: {ADMIN_TOKEN_FILE}\n")
+
+
+T = TypeVar("T")
+
+
+def eventually(probe: Callable[[], T | None], what: str, timeout: float = 30) -> T:
+    """The first truthy value of probe(), polled until `timeout` (a bound, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+        except grpc.RpcError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
 
 
 def free_port() -> int:

@@ -14,11 +14,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import pytest
@@ -26,10 +24,8 @@ import requests
 
 from openfx.gateway.cgroups import Cgroups
 from openfx.pb import fxgateway_pb2 as gpb
-from tests.conftest import FIXTURES, ROOT, RunningGateway, start_gateway
+from tests.conftest import FIXTURES, ROOT, RunningGateway, eventually, start_gateway
 from tests.shared_tmp import shared_tmp
-
-T = TypeVar("T")
 
 
 def _cgroups_usable() -> bool:
@@ -66,20 +62,6 @@ def call_error(gw: RunningGateway, name: str, data: bytes | str, timeout: float 
     with pytest.raises(grpc.RpcError) as caught:
         call(gw, name, data, timeout)
     return caught.value
-
-
-def eventually(probe: Callable[[], T | None], what: str, timeout: float = 30) -> T:
-    """The first truthy value of probe(), polled until `timeout` (a bound, not a measurement)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-        except grpc.RpcError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"never happened: {what}")
 
 
 def echo_works(gw: RunningGateway) -> None:

@@ -5,7 +5,6 @@ and, on a real gateway with cgroups off, the RSS watchdog, long output lines and
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ from openfx.gateway.framed_client import FramedClient
 from openfx.gateway.limits import decide, parse_cpu, parse_memory
 from openfx.gateway.logs import LineCutter, RecentOutput
 from openfx.pb import fxgateway_pb2 as gpb
-from tests.conftest import FIXTURES, MiB, RunningGateway, start_gateway
+from tests.conftest import FIXTURES, MiB, RunningGateway, eventually, start_gateway
 
 # -- quantities and the decision -------------------------------------------------------------
 
@@ -185,19 +184,6 @@ def call(gw: RunningGateway, name: str, data: bytes | str, timeout: float = 30) 
 
 def echo_works(gw: RunningGateway) -> None:
     assert call(gw, "echo", b"still here", timeout=10) == b"still here"
-
-
-def eventually(probe, what: str, timeout: float = 30):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-        except grpc.RpcError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"never happened: {what}")
 
 
 def test_rss_watchdog_recycles_a_replica_over_its_memory_limit(plain: RunningGateway) -> None:
