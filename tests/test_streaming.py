@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from openfx.pb import fxgateway_pb2 as gpb
-from tests.conftest import ROOT, RunningGateway
+from tests.conftest import ROOT, RunningGateway, eventually
 from tests.test_gateway_manage import call, meta, spec_request, wait_for
 
 CLIENT = [sys.executable, str(ROOT / "clients/client.py")]
@@ -202,25 +202,37 @@ def streamed_frames(gateway: RunningGateway, name: str, more_than: int, timeout:
     wait_for(lambda: meta(gateway, name).InvocationCount > more_than, timeout, f"{name}'s stream running")
 
 
-def test_video_client_reports_and_optionally_reconnects(gateway: RunningGateway) -> None:
-    def kill_soon() -> None:
-        pid = echopid_pid(gateway)
-        streamed_frames(gateway, "echopid", meta(gateway, "echopid").InvocationCount + 10)
-        os.kill(pid, signal.SIGKILL)
+def stream_killing_the_replica(gateway: RunningGateway, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the video client on echopid and SIGKILL the replica once 10 more frames were answered.
 
-    killer = threading.Thread(target=kill_soon)
-    killer.start()
-    out = client(gateway, "echopid", "--image", "synthetic", "--frames", "100000", "--window", "2")
-    killer.join()
-    assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
-    wait_for(lambda: meta(gateway, "echopid").AvailableReplicas == 1, what="echopid restarted")
-
-    killer = threading.Thread(target=kill_soon)
-    killer.start()
-    out = client(
-        gateway, "echopid", "--image", "synthetic", "--frames", "400", "--window", "2", "--reconnect", "20"
+    The kill runs on this thread and the client is killed whatever happens, so a failed probe fails
+    the test at once instead of leaving a 100,000-frame stream running into the suite's timeout.
+    """
+    pid = echopid_pid(gateway)
+    before = eventually(lambda: meta(gateway, "echopid"), "echopid's meta").InvocationCount
+    proc = subprocess.Popen(
+        [*CLIENT, "echopid", *args, "-g", gateway.grpc_address, "--no-progress", "--no-show"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    killer.join()
+    try:
+        eventually(lambda: meta(gateway, "echopid").InvocationCount > before + 10, "echopid's stream running")
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_video_client_reports_and_optionally_reconnects(gateway: RunningGateway) -> None:
+    out = stream_killing_the_replica(gateway, "--image", "synthetic", "--frames", "100000", "--window", "2")
+    assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
+    eventually(lambda: meta(gateway, "echopid").AvailableReplicas == 1, "echopid restarted")
+
+    out = stream_killing_the_replica(
+        gateway, "--image", "synthetic", "--frames", "400", "--window", "2", "--reconnect", "20"
+    )
     assert out.returncode == 0, out.stderr
     assert "reconnecting" in out.stderr and "frames in" in out.stdout
 
