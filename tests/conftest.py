@@ -202,8 +202,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway
 
 @pytest.fixture(scope="session")
 def stack_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    """The repo's own stack (openfx.yaml: every function of the collection) on a real gateway."""
-    gw = start_gateway(ROOT / "openfx.yaml", tmp_path_factory.mktemp("stack") / "gateway.log")
+    """The repo's own stack (openfx.yaml: every function of the collection) on a real gateway, with
+    scale to zero off: its tests call pyspark and mnist with deadlines shorter than their cold
+    start. (tests/test_autoscale.py checks openfx.yaml's scaling is what the gateway applies.)"""
+    gw = start_gateway(
+        ROOT / "openfx.yaml", tmp_path_factory.mktemp("stack") / "gateway.log", "--no-scale-to-zero"
+    )
     try:
         gw.wait_ready(timeout=120)
         yield gw

@@ -21,7 +21,8 @@ from openfx.config import FunctionSpec, load_stack
 from openfx.errors import InvokeError
 from openfx.function_def import REPLICAS, SCALE_AUTO, FunctionDef, to_request
 from openfx.pb import fxgateway_pb2 as gpb
-from tests.conftest import ADMIN_HEADERS, FIXTURES, RunningGateway, start_gateway
+from tests.conftest import ADMIN_HEADERS, FIXTURES, ROOT, RunningGateway, eventually, start_gateway
+from tests.shared_tmp import shared_tmp
 from tests.test_cli import cli
 
 
@@ -222,3 +223,131 @@ def test_the_config_keys_and_what_a_deploy_carries(tmp_path: Path) -> None:
     assert (keti.replicas, keti.autoscaling) == (2, False)
     with pytest.raises(InvokeError, match="MaxReplicas must be between 0 and 64"):
         FunctionDef.from_request(gpb.CreateFunctionRequest(Service="k", MaxReplicas=65))
+
+
+def deploy(gw: RunningGateway, name: str, folder: str, rpc: str = "Deploy", **keys: object) -> None:
+    """Deploy (or Update) a fixture function with config keys, as `fn deploy` sends them."""
+    spec = FunctionSpec.model_validate(
+        {"handler": {"dir": str(FIXTURES / "functions" / folder / "src")}, **keys}
+    )
+    getattr(gw.stub(), rpc)(to_request(name, spec), timeout=60)
+
+
+def test_fn_call_waits_for_a_cold_start_longer_than_the_timeout_by_default(gw: RunningGateway) -> None:
+    # sluggish starts in 3 s and has a 1 s timeout: the CLI's default deadline must not be the timeout
+    assert counts(gw, "sluggish") == (0, 0)
+    out = cli("fn", "call", "sluggish", "-g", gw.grpc_address, stdin=b"woke")
+    assert (out.returncode, out.stdout) == (0, b"woke"), out.stderr
+    assert counts(gw, "sluggish") == (1, 1)
+
+
+def test_calls_waiting_for_a_cold_start_count_toward_max_inflight(gw: RunningGateway) -> None:
+    with shared_tmp() as folder:
+        gate = folder / "open"
+        deploy(
+            gw, "gated", "gatedinit", environment={"GATE_FILE": str(gate)}, replicas=0,
+            scale_to_zero_after="30s", max_inflight=2,
+        )  # fmt: skip
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                waiting = [pool.submit(call, gw, "gated", b"cold") for _ in range(2)]
+                eventually(lambda: metric(gw, "gateway_function_inflight", function_name="gated") == 2,
+                           "two calls waiting for gated's start")  # fmt: skip
+                with pytest.raises(grpc.RpcError) as err:  # refused at once, not queued behind the start
+                    call(gw, "gated", b"third")
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "max_inflight" in (err.value.details() or "")
+                frames = iter([gpb.InvokeServiceRequest(Service="gated", Input=b"stream")])
+                with pytest.raises(grpc.RpcError) as err:
+                    list(gw.stub().Invokes(frames, timeout=30))
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert counts(gw, "gated") == (1, 0)  # still starting: the gate is shut
+                gate.touch()
+                assert [w.result() for w in waiting] == [b"cold", b"cold"]
+            assert metric(gw, "gateway_function_inflight", function_name="gated") == 0
+            assert call(gw, "gated", b"warm") == b"warm"
+        finally:
+            gw.stub().Delete(gpb.DeleteFunctionRequest(FunctionName="gated"), timeout=60)
+
+
+def test_a_pin_survives_an_update_unless_the_new_bounds_leave_it_out(gw: RunningGateway) -> None:
+    deploy(gw, "pinned", "echopid", max_replicas=3)
+    try:
+        gw.stub().ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="pinned", Replicas=2), timeout=30)
+        eventually(lambda: counts(gw, "pinned") == (2, 2), "pinned at 2")
+        deploy(gw, "pinned", "echopid", "Update", max_replicas=3, environment={"NEW": "1"})
+        eventually(lambda: counts(gw, "pinned") == (2, 2), "two new replicas after the update")
+        assert meta(gw, "pinned").Annotations["openfx.scaling"].startswith("pinned at 2")
+        # the update narrows the bounds to 1..1: the pin of 2 would fall outside, so it is clamped
+        deploy(gw, "pinned", "echopid", "Update", max_replicas=1)
+        eventually(lambda: counts(gw, "pinned") == (1, 1), "the pin clamped to 1")
+        assert meta(gw, "pinned").Annotations["openfx.scaling"].startswith("pinned at 1")
+        assert "leave out the pinned count of 2: pinned at 1 instead" in gw.log()
+    finally:
+        gw.stub().Delete(gpb.DeleteFunctionRequest(FunctionName="pinned"), timeout=60)
+
+
+def test_the_default_stack_scales_its_heavy_functions_to_zero() -> None:
+    stack = load_stack(ROOT / "openfx.yaml")
+    for name, spec in stack.functions.items():
+        fn = FunctionDef.from_request(to_request(name, spec))
+        if name in ("pyspark", "mnist"):
+            assert (fn.replicas, fn.min_replicas, fn.max_replicas, fn.scale_to_zero_after) == (1, 0, 1, 300.0)
+        else:
+            assert not fn.autoscaling, name  # the rest as before: a fixed count
+
+
+def test_the_session_stack_applies_openfx_yaml_scaling_with_scale_to_zero_off(
+    stack_gateway: RunningGateway,
+) -> None:
+    for name in ("pyspark", "mnist"):
+        annotations = meta(stack_gateway, name).Annotations
+        assert annotations["openfx.scale_to_zero_after"] == "300.0"
+        assert annotations["openfx.scaling"] == (
+            "auto 0..1, 10 in flight per replica, to zero after 300s idle "
+            "(scale to zero is off on this gateway: at least 1)"
+        )
+    assert meta(stack_gateway, "echo").Annotations["openfx.scaling"] == "fixed"
+
+
+def test_scale_to_zero_off_keeps_one_replica(tmp_path: Path) -> None:
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(
+        f"functions:\n  lazy:\n    handler: {{dir: {FIXTURES}/functions/echopid/src}}\n"
+        "    scale_to_zero_after: 200ms\n"
+    )
+    off = start_gateway(stack, tmp_path / "gateway.log", env={"OPENFX_SCALE_TO_ZERO": "off"})
+    try:
+        off.wait_ready(names={"lazy"})
+        assert (
+            meta(off, "lazy")
+            .Annotations["openfx.scaling"]
+            .endswith("(scale to zero is off on this gateway: at least 1)")
+        )
+        # at zero by hand, then given back to the autoscaler: it starts one again (the floor is 1)
+        off.stub().ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="lazy", Replicas=0), timeout=30)
+        assert counts(off, "lazy") == (0, 0)
+        off.stub().ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="lazy", Replicas=SCALE_AUTO), timeout=30)
+        eventually(lambda: counts(off, "lazy") == (1, 1), "lazy back at one replica")
+        assert "scaling 0 -> 1 replicas (up): scale to zero is off on this gateway" in off.log()
+        assert "no call for" not in off.log()
+    finally:
+        off.stop()
+
+
+@pytest.mark.parametrize("command", [["python", "-m", "openfx.gateway", "--no-functions"], ["cli", "up"]])
+def test_a_bad_scale_to_zero_setting_is_one_line(command: list[str], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OPENFX_SCALE_TO_ZERO": "sometimes", "OPENFX_HOME": str(tmp_path)}
+    if command[0] == "cli":
+        out = cli(*command[1:], "-f", str(ROOT / "openfx.yaml"), env=env)
+    else:
+        out = subprocess.run(
+            [sys.executable, *command[1:]], capture_output=True, env=env, cwd=ROOT, timeout=60
+        )
+    assert out.returncode != 0
+    assert out.stderr.decode().strip().endswith("OPENFX_SCALE_TO_ZERO must be 'on' or 'off', got 'sometimes'")
+    assert len(out.stderr.decode().strip().splitlines()) == 1

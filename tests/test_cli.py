@@ -199,12 +199,14 @@ def test_up_detached_and_down(tmp_path: Path) -> None:
     )
     stack.write_text(
         f"include: [{ROOT}/functions/echo/config.yaml]\n"
+        "functions: {echo: {scale_to_zero_after: 1s}}\n"  # kept at one by up --no-scale-to-zero
         f"mqtt: {{port: {mqtt_port}, persistence: false, bridge: {bridge}}}\n"
     )
     grpc_address, http_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     user_config = tmp_path / "home" / "config.yaml"  # a new user: no config, no token yet
     env = {"OPENFX_HOME": str(tmp_path / "state"), "OPENFX_CONFIG": str(user_config)}
-    out = cli("up", "-d", "-f", str(stack), "--grpc", grpc_address, "--http", http_address, env=env)
+    where = ("--grpc", grpc_address, "--http", http_address)
+    out = cli("up", "-d", "-f", str(stack), *where, "--no-scale-to-zero", env=env)
     try:
         assert out.returncode == 0, out.stderr
         assert b"OpenFx is up" in out.stdout
@@ -214,6 +216,8 @@ def test_up_detached_and_down(tmp_path: Path) -> None:
         printed = cli("token", env=env).stdout.decode().strip()
         assert printed == token_file.read_text().strip() and len(printed) >= 32
         assert cli("fn", "call", "echo", "-g", grpc_address, stdin=b"hi").stdout == b"hi"
+        info = yaml.safe_load(cli("fn", "info", "echo", "-g", grpc_address, env=env).stdout)
+        assert info["scaling"].endswith("(scale to zero is off on this gateway: at least 1)"), info
         # our CLI manages with the token by itself; anyone without it cannot
         assert cli("fn", "log", "echo", "-g", grpc_address, env=env).returncode == 0
         anonymous = cli(

@@ -23,7 +23,7 @@ import yaml
 from openfx import readiness
 from openfx.cli.token import ensure_local_token
 from openfx.config import ConfigError, StackFile, load_stack
-from openfx.gateway.app import GatewaySettings
+from openfx.gateway.app import GatewaySettings, scale_to_zero_from_env
 from openfx.state import state_dir
 
 
@@ -83,6 +83,11 @@ def _running_pid(pid_file: Path) -> int | None:
     is_flag=True,
     help="DANGEROUS: no token for deploy/delete/scale/logs on loopback (for tools that cannot send one)",
 )
+@click.option(
+    "--no-scale-to-zero",
+    is_flag=True,
+    help="keep one replica of every function, whatever its scale_to_zero_after (OPENFX_SCALE_TO_ZERO=off)",
+)
 def up(
     stack_file: str,
     detach: bool,
@@ -95,6 +100,7 @@ def up(
     no_mqtt: bool,
     timeout: float,
     open_management: bool,
+    no_scale_to_zero: bool,
 ) -> None:
     """Start the gateway, every function of the stack file, the MQTT broker and the bridge.
 
@@ -102,8 +108,11 @@ def up(
     command creates (our CLI reads it by itself; `openfx-cli token` prints it)."""
     try:
         stack = load_stack(stack_file)
+        scale_to_zero_from_env()  # OPENFX_SCALE_TO_ZERO: refused here, before anything starts
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    except SystemExit as exc:
+        raise click.ClickException(str(exc.code).removeprefix("gateway: ")) from None
     access: list[str] = []
     if open_management:
         click.echo(
@@ -134,6 +143,8 @@ def up(
         args += ["--mqtt-port", str(mqtt_port)]
     if no_mqtt:
         args.append("--no-mqtt")
+    if no_scale_to_zero:
+        args.append("--no-scale-to-zero")
     folder = state_dir(stack_file)
     pid_file = folder / "gateway.pid"
     if detach and (pid := _running_pid(pid_file)) is not None:

@@ -38,6 +38,7 @@ from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
 
 log = logging.getLogger("openfx.gateway")
+SCALE_TO_ZERO_ENV = "OPENFX_SCALE_TO_ZERO"
 
 
 @dataclass
@@ -69,6 +70,7 @@ class GatewaySettings:
     log_file: str | None = None  # the gateway's log (rotated); None: stderr
     timeout_grace: float = 2.0  # a replica holding a call this long past its timeout is recycled
     cgroups: bool = True  # limits via cgroups where writable; off: RSS watchdog, CPU limits refused
+    scale_to_zero: bool = True  # off: min_replicas 0 counts as 1 (README "Scaling"), e.g. for test runs
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
 
@@ -170,6 +172,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("OPENFX_CGROUPS", "auto") != "off",
         help="no cgroups: memory by an RSS watchdog, CPU limits refused (OPENFX_CGROUPS=off)",
     )
+    parser.add_argument(
+        "--no-scale-to-zero",
+        dest="scale_to_zero",
+        action="store_false",
+        default=None,
+        help="never stop a function's last replica: min_replicas 0 counts as 1 (OPENFX_SCALE_TO_ZERO=off)",
+    )
     parser.add_argument("--log-file", default=env("OPENFX_LOG_FILE"), help="write the log here, rotated")
     parser.add_argument(
         "--log-max-bytes", type=int, default=int(env("OPENFX_LOG_MAX_BYTES", d.log_max_bytes))
@@ -177,7 +186,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-backups", type=int, default=int(env("OPENFX_LOG_BACKUPS", d.log_backups)))
 
 
+def scale_to_zero_from_env() -> bool:
+    """OPENFX_SCALE_TO_ZERO: on (the default) or off; anything else is a one-line SystemExit."""
+    value = os.environ.get(SCALE_TO_ZERO_ENV, "on").strip().lower()
+    if value not in ("on", "off", ""):
+        raise SystemExit(f"gateway: {SCALE_TO_ZERO_ENV} must be 'on' or 'off', got {value[:40]!r}")
+    return value != "off"
+
+
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
+    from_env = scale_to_zero_from_env()  # checked even when the flag is given: a bad value is a mistake
     return GatewaySettings(
         grpc_address=args.grpc,
         http_address=args.http,
@@ -202,6 +220,7 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         log_file=args.log_file,
         timeout_grace=args.timeout_grace,
         cgroups=args.cgroups,
+        scale_to_zero=from_env if args.scale_to_zero is None else args.scale_to_zero,
         log_max_bytes=args.log_max_bytes,
         log_backups=args.log_backups,
     )
@@ -222,6 +241,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.backend = self._make_backend()
         self.backend.on_gauge = self.metrics.set_replicas
+        self.metrics.watch_in_flight(lambda: [(n, f.in_flight) for n, f in self.backend.functions.items()])
         self.invoker = Invoker(self.backend, self.metrics, max_streams=settings.max_streams)
         self.tokens = TokenStore.from_environment(
             settings.tokens_file,
@@ -253,6 +273,7 @@ class Gateway:
                 on_recycle=self.metrics.replica_recycled,
                 cgroups=s.cgroups,
                 gateway_address=s.grpc_address,
+                scale_to_zero=s.scale_to_zero,
             )
         except ValueError as exc:  # e.g. --function-user names no user
             raise ConfigError(str(exc)) from None

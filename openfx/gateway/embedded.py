@@ -474,6 +474,15 @@ class LocalFunction:
     # -- autoscaling -------------------------------------------------------
 
     @property
+    def floor(self) -> int:
+        """The fewest replicas the autoscaler keeps: min_replicas, but 1 for 0 when the gateway
+        runs with scale to zero off."""
+        low = self.definition.min_replicas
+        if low == 0 and self.backend is not None and not self.backend.scale_to_zero:
+            return 1
+        return low
+
+    @property
     def scale_notes(self) -> dict[str, str]:
         """`fn info` annotations: how the count is decided."""
         d = self.definition
@@ -485,6 +494,8 @@ class LocalFunction:
             how = f"auto {d.min_replicas}..{d.max_replicas}, {d.concurrency_target:g} in flight per replica"
             if d.scale_to_zero_after:
                 how += f", to zero after {d.scale_to_zero_after:g}s idle"
+                if self.floor:
+                    how += " (scale to zero is off on this gateway: at least 1)"
         return {"openfx.scaling": how}
 
     def autoscale(self, now: float) -> list[LocalReplica]:
@@ -505,19 +516,21 @@ class LocalFunction:
             return []
         current = len(self.replicas)
         target = d.concurrency_target
-        if current and d.min_replicas == 0 and d.scale_to_zero_after and not self.in_flight:
+        if current and self.floor == 0 and d.scale_to_zero_after and not self.in_flight:
             starting = any(r.starting or (r.running and not r.ready) for r in self.replicas)
             idle = now - self.last_active
             if idle >= d.scale_to_zero_after and not starting:
                 return self.rescale(0, "zero", f"no call for {idle:.1f}s (scale_to_zero_after)")
         if not current:
+            if self.floor:  # released at zero on a gateway that keeps one
+                return self.rescale(self.floor, "up", "scale to zero is off on this gateway")
             return []  # the next call starts one (acquire)
         up_window = min(max(window / 10, 0.4), 6.0)
         recent = [n for t, n in self.samples if t >= now - up_window]
         spans = self.samples[0][0] <= now - up_window
         if recent and spans and now - self.last_change >= up_window:
             mean = sum(recent) / len(recent)
-            want = min(max(math.ceil(mean / target), d.min_replicas, 1), d.max_replicas)
+            want = min(max(math.ceil(mean / target), self.floor, 1), d.max_replicas)
             if want > current:
                 per = mean / max(self.available, 1)
                 why = (
@@ -527,7 +540,7 @@ class LocalFunction:
                 return self.rescale(want, "up", why)
         if now - self.last_change >= window and self.samples[0][0] <= now - window:
             peak = max(n for t, n in self.samples if t >= now - window)
-            want = min(max(math.ceil(peak / target), d.min_replicas, 1), d.max_replicas)
+            want = min(max(math.ceil(peak / target), self.floor, 1), d.max_replicas)
             if want < current:
                 why = f"at most {peak} calls in flight over {window:g}s (target {target:g} per replica)"
                 return self.rescale(want, "down", why)
@@ -620,12 +633,16 @@ class EmbeddedBackend:
         cgroups: Cgroups | None | bool = True,
         gateway_address: str = "",
         images: ImageStore | None = None,
+        scale_to_zero: bool = True,
     ) -> None:
         """`function_user`: see sandbox.function_user (None: the default user when root; "": our
         own). `cgroups`: True to detect them, False for none, or a Cgroups to use.
         `gateway_address`: the gateway's gRPC, where handlers' function-to-function calls go.
-        `images`: the local image store (`fn build`) a Deploy naming an image is started from."""
+        `images`: the local image store (`fn build`) a Deploy naming an image is started from.
+        `scale_to_zero`: False keeps one replica of a function whose min_replicas is 0
+        (`--no-scale-to-zero`, OPENFX_SCALE_TO_ZERO=off)."""
         self.gateway_address = _dialable(gateway_address)
+        self.scale_to_zero = scale_to_zero
         self.images = images if images is not None else ImageStore(images_dir())
         self.known_images: dict[str, FunctionDef] = {}  # image -> a function deployed from source
         self.user = sandbox.function_user(function_user)
@@ -769,11 +786,29 @@ class EmbeddedBackend:
         definition = self._resolve(definition, old.definition)
         enforcement = await self._admit(definition)
         fn = self._function(definition, enforcement, invocations=old.invocations, logs=old.logs)
+        fn.pinned = self._kept_pin(old, definition)
         old_replicas = old.replicas
         old.replicas = []
         self.functions[definition.name] = fn
         await asyncio.gather(*(r.stop(self.grace) for r in [*old_replicas, *old.draining]))
-        fn.rescale(definition.replicas, "", "updated")
+        fn.rescale(definition.replicas if fn.pinned is None else fn.pinned, "", "updated")
+
+    @staticmethod
+    def _kept_pin(old: LocalFunction, new: FunctionDef) -> int | None:
+        """A pinned count outlives an Update, unless the Update moves [min, max] so that the pin
+        falls outside: then it is clamped into the new bounds (and the log says so)."""
+        pin, before = old.pinned, old.definition
+        if pin is None:
+            return None
+        moved = (new.min_replicas, new.max_replicas) != (before.min_replicas, before.max_replicas)
+        if not moved or new.min_replicas <= pin <= new.max_replicas:
+            return pin
+        clamped = min(max(pin, new.min_replicas), new.max_replicas)
+        old.note(
+            f"{new.name}: the update's replica bounds {new.min_replicas}..{new.max_replicas} leave out the "
+            f"pinned count of {pin}: pinned at {clamped} instead"
+        )
+        return clamped
 
     async def delete(self, name: str) -> None:
         fn = self.get(name)

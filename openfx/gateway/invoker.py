@@ -77,22 +77,24 @@ class Invoker:
         fn: Function | None = None
         try:
             fn = self._admit(name, payload)
-            timeout = fn.definition.timeout if deadline is None else min(deadline, fn.definition.timeout)
-            acquire = getattr(fn, "acquire", None)  # embedded: waits (within the deadline) for a start
-            replica = await acquire(deadline) if acquire else fn.pick()
-            if deadline is not None and (waited := time.perf_counter() - started) > 0.01:
-                timeout = max(min(timeout, deadline - waited), 0.001)  # a cold start used part of it
-            fn.in_flight += 1
-            replica.in_flight += 1
+            fn.in_flight += 1  # from here: a call waiting for a cold start counts toward max_inflight
             try:
-                reply = await replica.call(watcher_request(fn, payload, trigger, topic), timeout)
-            except TimeoutError:
-                raise InvokeError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, f"function {name} timed out after {timeout:g}s"
-                ) from None
+                timeout = fn.definition.timeout if deadline is None else min(deadline, fn.definition.timeout)
+                acquire = getattr(fn, "acquire", None)  # embedded: waits (within the deadline) for a start
+                replica = await acquire(deadline) if acquire else fn.pick()
+                if deadline is not None and (waited := time.perf_counter() - started) > 0.01:
+                    timeout = max(min(timeout, deadline - waited), 0.001)  # a cold start used part of it
+                replica.in_flight += 1
+                try:
+                    reply = await replica.call(watcher_request(fn, payload, trigger, topic), timeout)
+                except TimeoutError:
+                    raise InvokeError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, f"function {name} timed out after {timeout:g}s"
+                    ) from None
+                finally:
+                    replica.in_flight -= 1
             finally:
                 fn.in_flight -= 1
-                replica.in_flight -= 1
         except InvokeError as exc:
             self._count(name, exc.http, started, fn, trigger)
             raise
@@ -110,8 +112,6 @@ class Invoker:
         if self.streams >= self.max_streams:
             raise InvokeError(RESOURCE_EXHAUSTED, f"{self.max_streams} streams already open (max_streams)")
         fn = self._admit(name, first)
-        acquire = getattr(fn, "acquire", None)
-        replica = await acquire(None) if acquire else fn.pick()
         stamps: list[float] = []
         refused: list[InvokeError] = []
 
@@ -135,8 +135,14 @@ class Invoker:
                 stamps.append(time.perf_counter())
                 yield watcher_request(fn, payload, trigger)
 
-        call = replica.stream(requests())
-        fn.in_flight += 1
+        acquire = getattr(fn, "acquire", None)
+        fn.in_flight += 1  # a stream waiting for a cold start counts toward max_inflight too
+        try:
+            replica = await acquire(None) if acquire else fn.pick()
+            call = replica.stream(requests())
+        except BaseException:
+            fn.in_flight -= 1
+            raise
         replica.in_flight += 1
         self.streams += 1
         try:

@@ -7,9 +7,11 @@ owns its registry so several can live in one process (tests).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from openfx.errors import InvokeError
 
@@ -151,5 +153,35 @@ class GatewayMetrics:
         if event:
             self.scale_events.labels(function, event).inc()
 
+    def watch_in_flight(self, read: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """`gateway_function_inflight{function_name}`: calls in flight per function (those waiting
+        for a cold start included), read from `read()` at scrape time, so no call pays for it. A
+        Kubernetes HPA scales on it through prometheus-adapter (openfx-cli k8s render
+        --hpa-metric inflight)."""
+        self.registry.register(_InFlight(read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+IN_FLIGHT = "gateway_function_inflight"
+
+
+class _InFlight:
+    """A collector reading the functions' in-flight counts when scraped."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self.read = read
+
+    def _family(self) -> GaugeMetricFamily:
+        help_text = "Calls in flight per function, waiting for a cold start included"
+        return GaugeMetricFamily(IN_FLIGHT, help_text, labels=["function_name"])
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        for name, count in self.read():
+            family.add_metric([name], count)
+        yield family
