@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,6 +154,7 @@ def fast_handler():  # type: ignore[no-untyped-def]
     handler.bundle = read_bundle(BUNDLE)
     handler.network = Network(handler.bundle.layers, handler.bundle.weights)
     handler.runtime = handler.spark = handler.model = handler.accuracy = handler.spark_error = None
+    handler.engines_done = threading.Event()  # never set: the JVMs are "still starting"
     return handler
 
 

@@ -7,7 +7,9 @@
   loads the same bundle and Spark starts (`SPARK_MASTER`: `local[*]` by default,
   `spark://host:7077`, `k8s://...`). Then the seed's accuracy is computed once: Spark reads the
   libsvm data and splits it with seed 1234, MLeap's runtime scores the test rows, and Spark's
-  MulticlassClassificationEvaluator gives `Test set accuracy = <value>` (UNAVAILABLE until then).
+  MulticlassClassificationEvaluator gives `Test set accuracy = <value>`. A call that needs the JVMs
+  while they start waits for them within its own time (a cold start from zero: README "Scaling"),
+  and is UNAVAILABLE only if they are still starting when that runs out, or failed.
 - JSON input: `{"features": [f1, f2, f3, f4]}`, `{"rows": [[...], ...]}` or `[[...], ...]` ->
   `{"predictions": [{"prediction": k, "probability": [...]}, ...]}`. `"engine"` picks who
   scores: `numpy` (default), `mleap` (MLeap's JVM runtime), `spark` (Spark's `transform` of an
@@ -24,6 +26,7 @@ import numpy as np
 from mleap_bundle import MleapRuntime, read_bundle, spark_model
 from mlp import BUNDLE, Network, spark_session, split
 
+from openfx import hops
 from openfx.errors import InvokeError
 
 log = logging.getLogger("openfx.watcher")
@@ -40,6 +43,7 @@ class Handler:
         self.model = None
         self.accuracy = None
         self.spark_error = None
+        self.engines_done = threading.Event()  # set once the JVMs are up, or failed
         threading.Thread(target=self._start_engines, name="engines-start", daemon=True).start()
 
     def _start_engines(self):
@@ -55,6 +59,8 @@ class Handler:
         except Exception as exc:  # reported to callers of the JVM paths, never fatal for the rows path
             self.spark_error = f"{type(exc).__name__}: {exc}"
             log.error("spark/MLeap failed to start: %s", self.spark_error)
+        finally:
+            self.engines_done.set()
 
     def _evaluate(self, spark):
         """The seed's accuracy: Spark's data and split, MLeap's predictions, Spark's evaluator."""
@@ -67,7 +73,11 @@ class Handler:
         scored = spark.createDataFrame(pairs, ["prediction", "label"])
         return MulticlassClassificationEvaluator(metricName="accuracy").evaluate(scored)
 
-    def _require_spark(self):
+    def _require_spark(self, req):
+        """Spark and MLeap's runtime, waiting for them while they start for as long as the call may
+        (its Timeout, the time left of its deadline, less a second to answer in)."""
+        if self.spark is None and self.spark_error is None:
+            self.engines_done.wait(max((hops.parse_timeout(req.info.Timeout) or 0.0) - 1.0, 0.0))
         if self.spark is None:
             why = f"failed: {self.spark_error}" if self.spark_error else "is still starting"
             raise InvokeError(
@@ -77,7 +87,7 @@ class Handler:
     def __call__(self, req):
         text = req.input.decode("utf-8", "strict").strip() if req.input else ""
         if not text:
-            self._require_spark()
+            self._require_spark(req)
             return f"Test set accuracy = {self.accuracy}"
         request = _parse(text)
         rows = _rows(request, self.network.n_features)
@@ -87,7 +97,7 @@ class Handler:
         if engine == "numpy":
             _, probability, prediction = self.network.predict(rows)
         else:
-            self._require_spark()
+            self._require_spark(req)
             if engine == "seed":
                 self.runtime.load(self.bundle.path)  # as the seed deserialized its bundle per call
                 return f"Test set accuracy = {self._evaluate(self.spark)}"
