@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from openfx.config import load_stack
+from openfx.config import FunctionSpec, load_stack
 from openfx.function_def import FunctionDef, to_request
 from openfx.k8s.manifests import function_manifests, platform_manifests
 from openfx.pb import fxgateway_pb2 as gpb
@@ -89,6 +89,61 @@ def test_manifests_validate_against_kubernetes_schemas() -> None:
     assert service["spec"]["clusterIP"] == "None"
     gateway = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "fxgateway")
     assert {p["nodePort"] for p in gateway["spec"]["ports"]} == {31113, 31114}
+
+
+def test_scaling_keys_map_to_the_hpa_and_scale_to_zero_is_documented(tmp_path: Path) -> None:
+    keys = {"max_replicas": 4, "concurrency_target": 2.5, "scale_to_zero_after": "5m"}
+    fn = FunctionDef.from_request(to_request("lazy", FunctionSpec.model_validate(keys)))
+    by_kind = {d["kind"]: d for d in function_manifests(fn)}
+    hpa, deployment = by_kind["HorizontalPodAutoscaler"], by_kind["Deployment"]
+    # by default on CPU (metrics-server only), and the HPA says what became of concurrency_target
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)  # an HPA never goes to 0
+    assert "--hpa-metric inflight" in hpa["metadata"]["annotations"]["openfx.hpa-metric"]
+    note = deployment["metadata"]["annotations"]["openfx.scale-to-zero"]
+    assert "KEDA's HTTP add-on" in note and "Knative Serving" in note
+    # --hpa-metric inflight: the gateway's in-flight gauge per pod against concurrency_target
+    inflight = next(
+        d for d in function_manifests(fn, hpa_metric="inflight") if d["kind"] == "HorizontalPodAutoscaler"
+    )
+    assert inflight["spec"]["metrics"] == [
+        {
+            "type": "External",
+            "external": {
+                "metric": {
+                    "name": "gateway_function_inflight",
+                    "selector": {"matchLabels": {"function_name": "lazy"}},
+                },
+                "target": {"type": "AverageValue", "averageValue": "2500m"},
+            },
+        }
+    ]
+    for doc in (hpa, inflight, deployment):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    with pytest.raises(ValueError, match="hpa metric must be one of cpu, inflight"):
+        function_manifests(fn, hpa_metric="memory")
+    fixed = FunctionDef.from_request(to_request("fixed", FunctionSpec()))
+    assert [d["kind"] for d in function_manifests(fixed)] == ["Deployment", "Service"]  # no HPA, no note
+    # the CLI renders the adapter's values beside the manifests, serving the gauge the HPAs read
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(
+        f"include: [{ROOT}/functions/echo/config.yaml]\nfunctions: {{echo: {{max_replicas: 3}}}}\n"
+    )
+    out = subprocess.run(
+        [CLI, "k8s", "render", "-f", str(stack), "-o", str(tmp_path / "out"), "--hpa-metric", "inflight"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "helm install prometheus-adapter" in out.stdout
+    rules = yaml.safe_load((tmp_path / "out/prometheus-adapter/values.yaml").read_text())["rules"]["external"]
+    assert rules[0]["name"]["as"] == "gateway_function_inflight"
+    echo = list(yaml.safe_load_all((tmp_path / "out/functions/echo.yaml").read_text()))
+    assert echo[-1]["spec"]["metrics"][0]["external"]["metric"]["name"] == "gateway_function_inflight"
+    bad = subprocess.run(
+        [CLI, "k8s", "render", "-f", str(stack), "-o", str(tmp_path / "bad"), "--hpa-metric", "gpu"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "Invalid value for '--hpa-metric'" in bad.stderr
 
 
 def test_gateway_manifest_admits_its_service_names_and_pod_ip_in_host() -> None:

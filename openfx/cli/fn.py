@@ -303,11 +303,18 @@ def _stdin() -> bytes:
 
 @function.command()
 @click.argument("name")
-@click.option("--timeout", default=None, type=float, help="seconds to wait (default: the function's timeout)")
+@click.option(
+    "--timeout",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="seconds to wait in all (default: no deadline of ours: a cold start from zero is waited "
+    "for, up to 300 s, then the call gets the function's timeout)",
+)
 @_subgateway
 @click.pass_context
 def call(ctx: click.Context, name: str, timeout: float | None) -> None:
-    """Call NAME with all of stdin as input; write the raw result to stdout."""
+    """Call NAME with all of stdin as input; write the raw result to stdout. By default the call
+    waits for a function at zero to start (the gateway's activator), however slow its start."""
     gw = _gateway(ctx)
     reply = gw.call(
         gw.stub.Invoke, gpb.InvokeServiceRequest(Service=name, Input=_stdin()), timeout, what=name

@@ -10,7 +10,15 @@ import yaml
 
 from openfx.config import ConfigError, load_stack
 from openfx.function_def import FunctionDef, to_request
-from openfx.k8s.manifests import FUNCTION_NAMESPACE, GATEWAY_IMAGE, function_manifests, platform_manifests
+from openfx.k8s.manifests import (
+    FUNCTION_NAMESPACE,
+    GATEWAY_IMAGE,
+    GATEWAY_NAMESPACE,
+    HPA_METRICS,
+    function_manifests,
+    platform_manifests,
+    prometheus_adapter_values,
+)
 from openfx.k8s.observability import grafana_dashboard, prometheus_config
 
 
@@ -30,7 +38,10 @@ def render(
     gateway_image: str = GATEWAY_IMAGE,
     namespace: str = FUNCTION_NAMESPACE,
     allowed_hosts: tuple[str, ...] = (),
+    hpa_metric: str = "cpu",
 ) -> list[Path]:
+    """`hpa_metric` inflight: HPAs on the gateway's in-flight gauge (concurrency_target), plus the
+    prometheus-adapter values that serve it."""
     stack = load_stack(stack_file)
     written = [output / "platform.yaml"]
     write_yaml(
@@ -39,8 +50,12 @@ def render(
     for name, spec in stack.functions.items():
         fn = FunctionDef.from_request(to_request(name, spec))
         path = output / "functions" / f"{name}.yaml"
-        write_yaml(path, function_manifests(fn, namespace))
+        write_yaml(path, function_manifests(fn, namespace, hpa_metric))
         written.append(path)
+    if hpa_metric == "inflight":
+        adapter = output / "prometheus-adapter" / "values.yaml"
+        write_yaml(adapter, [prometheus_adapter_values()])
+        written.append(adapter)
     prometheus = output / "prometheus" / "prometheus.yml"
     prometheus.parent.mkdir(parents=True, exist_ok=True)
     prometheus.write_text(yaml.safe_dump(prometheus_config(), sort_keys=False))
@@ -65,14 +80,33 @@ def k8s() -> None:
     multiple=True,
     help="a node name or address users reach the HTTP NodePort by (repeatable; the gateway checks Host)",
 )
+@click.option(
+    "--hpa-metric",
+    type=click.Choice(HPA_METRICS),
+    default="cpu",
+    show_default=True,
+    help="what HPAs scale on: cpu (metrics-server), or inflight: calls in flight per pod against "
+    "concurrency_target, from the gateway's gauge through prometheus-adapter (values written too)",
+)
 def render_command(
-    stack_file: str, output: str, gateway_image: str, namespace: str, allowed_host: tuple[str, ...]
+    stack_file: str,
+    output: str,
+    gateway_image: str,
+    namespace: str,
+    allowed_host: tuple[str, ...],
+    hpa_metric: str,
 ) -> None:
     """Write namespaces, gateway, per-function Deployment/Service/HPA, Prometheus and Grafana files."""
     try:
-        paths = render(stack_file, Path(output), gateway_image, namespace, allowed_host)
+        paths = render(stack_file, Path(output), gateway_image, namespace, allowed_host, hpa_metric)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     for path in paths:
         click.echo(f"wrote {path}")
+    if hpa_metric == "inflight":
+        click.echo(
+            f"install prometheus-adapter with: helm install prometheus-adapter "
+            f"prometheus-community/prometheus-adapter -n {GATEWAY_NAMESPACE} "
+            f"-f {output}/prometheus-adapter/values.yaml"
+        )
     click.echo(f"apply with: kubectl apply -f {output}/platform.yaml -f {output}/functions/")

@@ -37,9 +37,55 @@ def _resources(limits: dict[str, str], requests: dict[str, str]) -> dict[str, di
     return {k: v for k, v in resources.items() if v}
 
 
-def function_manifests(fn: FunctionDef, namespace: str = FUNCTION_NAMESPACE) -> list[Manifest]:
+IN_FLIGHT = "gateway_function_inflight"  # the gateway's gauge (openfx/gateway/metrics.py)
+HPA_METRICS = ("cpu", "inflight")
+SCALE_TO_ZERO_NOTE = (
+    "scale_to_zero_after: not on Kubernetes by these manifests (an HPA keeps at least 1 pod); scale to "
+    "zero needs an activator in front of the pods: KEDA's HTTP add-on or Knative Serving"
+)
+
+
+def _quantity(value: float) -> str:
+    """A Kubernetes quantity: 10.0 -> "10", 2.5 -> "2500m"."""
+    return str(int(value)) if value == int(value) else f"{round(value * 1000)}m"
+
+
+def _hpa_metric(fn: FunctionDef, metric: str) -> tuple[Manifest, str]:
+    """The HPA's metric and what concurrency_target became in it (an annotation says which)."""
+    target = fn.concurrency_target
+    if metric == "inflight":
+        # the gateway counts each function's calls in flight (one series per gateway pod, none per
+        # function pod, so not a Pods metric): an External metric whose AverageValue target divides
+        # it by the function's pods is concurrency_target as the embedded autoscaler reads it
+        return {
+            "type": "External",
+            "external": {
+                "metric": {"name": IN_FLIGHT, "selector": {"matchLabels": {"function_name": fn.name}}},
+                "target": {"type": "AverageValue", "averageValue": _quantity(target)},
+            },
+        }, (
+            f"{target:g} calls in flight per pod: External metric {IN_FLIGHT} (the gateway's gauge) through "
+            "prometheus-adapter (prometheus-adapter/values.yaml)"
+        )
+    return {
+        "type": "Resource",
+        "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}},
+    }, (
+        f"{target:g} calls in flight per pod: not what this HPA reads (CPU at 80%, needing no adapter); "
+        "openfx-cli k8s render --hpa-metric inflight scales on it through prometheus-adapter"
+    )
+
+
+def function_manifests(
+    fn: FunctionDef, namespace: str = FUNCTION_NAMESPACE, hpa_metric: str = "cpu"
+) -> list[Manifest]:
+    """`hpa_metric`: what the HPA scales on, `cpu` (needs only metrics-server) or `inflight` (the
+    gateway's in-flight gauge against concurrency_target, needs prometheus-adapter)."""
+    if hpa_metric not in HPA_METRICS:
+        raise ValueError(f"hpa metric must be one of {', '.join(HPA_METRICS)}, not {hpa_metric!r}")
     labels = {**dict(sorted(fn.labels.items())), LABEL: fn.name}
     annotations = {k: v for k, v in sorted(fn.annotations.items()) if k != "openfx.source"}  # a local path
+    deployment_notes = {"openfx.scale-to-zero": SCALE_TO_ZERO_NOTE} if fn.scale_to_zero_after else {}
     probe = {"grpc": {"port": WATCHER_PORT}, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3}
     container: Manifest = {
         "name": fn.name,
@@ -62,7 +108,12 @@ def function_manifests(fn: FunctionDef, namespace: str = FUNCTION_NAMESPACE) -> 
     deployment: Manifest = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": fn.name, "namespace": namespace, "labels": labels, "annotations": annotations},
+        "metadata": {
+            "name": fn.name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {**annotations, **deployment_notes},
+        },
         "spec": {
             "replicas": fn.replicas,
             "selector": {"matchLabels": {LABEL: fn.name}},
@@ -89,32 +140,46 @@ def function_manifests(fn: FunctionDef, namespace: str = FUNCTION_NAMESPACE) -> 
         },
     }
     manifests = [deployment, service]
-    # min_replicas/max_replicas bound the HPA (on CPU; concurrency_target needs custom metrics). An
-    # HPA never goes below 1: scale to zero (min_replicas 0, scale_to_zero_after) on Kubernetes needs
-    # an activator outside it, KEDA's HTTP add-on or Knative Serving (README "Scaling")
+    # min_replicas/max_replicas bound the HPA; concurrency_target is its target with --hpa-metric
+    # inflight (else it scales on CPU). An HPA never goes below 1: scale to zero (min_replicas 0,
+    # scale_to_zero_after) on Kubernetes needs an activator outside it, KEDA's HTTP add-on or
+    # Knative Serving (README "Scaling"); the Deployment's openfx.scale-to-zero annotation says so
     if fn.max_replicas > max(fn.min_replicas, 1):
+        metric, mapped = _hpa_metric(fn, hpa_metric)
+        notes = {"openfx.hpa-metric": mapped, **deployment_notes}
         manifests.append(
             {
                 "apiVersion": "autoscaling/v2",
                 "kind": "HorizontalPodAutoscaler",
-                "metadata": {"name": fn.name, "namespace": namespace, "labels": labels},
+                "metadata": {"name": fn.name, "namespace": namespace, "labels": labels, "annotations": notes},
                 "spec": {
                     "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": fn.name},
                     "minReplicas": max(fn.min_replicas, 1),
                     "maxReplicas": fn.max_replicas,
-                    "metrics": [
-                        {
-                            "type": "Resource",
-                            "resource": {
-                                "name": "cpu",
-                                "target": {"type": "Utilization", "averageUtilization": 80},
-                            },
-                        }
-                    ],
+                    "metrics": [metric],
                 },
             }
         )
     return manifests
+
+
+def prometheus_adapter_values(prometheus_url: str = "http://prometheus.openfx.svc") -> Manifest:
+    """Values for the prometheus-adapter Helm chart: serves the gateway's in-flight gauge as the
+    External metric the `--hpa-metric inflight` HPAs read (summed over gateway pods)."""
+    return {
+        "prometheus": {"url": prometheus_url, "port": 9090},
+        "rules": {
+            "default": False,
+            "external": [
+                {
+                    "seriesQuery": f'{IN_FLIGHT}{{function_name!=""}}',
+                    "resources": {"namespaced": False},  # the gateway's namespace is not the HPA's
+                    "name": {"as": IN_FLIGHT},
+                    "metricsQuery": "sum(<<.Series>>{<<.LabelMatchers>>}) by (function_name)",
+                }
+            ],
+        },
+    }
 
 
 def platform_manifests(
