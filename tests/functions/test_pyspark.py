@@ -175,6 +175,26 @@ def test_spark_not_ready_is_unavailable() -> None:
     assert json.loads(handler(Req(b"[[0, 0, 0, 0]]")))["predictions"]  # rows need no Spark
 
 
+def test_a_call_needing_spark_waits_for_its_start_within_its_time() -> None:
+    """From zero, the replica is ready before its JVMs: the accuracy call waits for them for as long
+    as its deadline allows (info.Timeout less a second) instead of UNAVAILABLE at once."""
+    handler = fast_handler()
+    waited: list[float | None] = []
+
+    class JvmsComeUp(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:  # the start finishing while the call waits
+            waited.append(timeout)
+            handler.spark, handler.accuracy = object(), 0.95
+            self.set()
+            return super().wait(timeout)
+
+    handler.engines_done = JvmsComeUp()
+    request = Req(b"")
+    request.info.Timeout = "30s"
+    assert handler(request) == "Test set accuracy = 0.95"
+    assert waited == [29.0]
+
+
 def test_committed_bundle_is_reproducible(tmp_path: Path, runtime: MleapRuntime) -> None:
     out = subprocess.run(
         [sys.executable, str(FN / "train.py"), "--master", "local[2]", "--out", str(tmp_path)],
