@@ -113,7 +113,9 @@ def main() -> None:
     port = free_port()
     broker = mosquitto.start(tmp / "mosquitto", port, persistence=False)
     platform = Platform(["echo"])
-    bridge = start_bridge(port, platform.grpc, tmp / "bridge.log", client_id="bench-bridge")
+    bridge = start_bridge(
+        port, (platform.grpc, f"http://{platform.http}"), tmp / "bridge.log", client_id="bench-bridge"
+    )
     rows = []
     try:
         raw = Load(port, "raw/echo")
@@ -171,7 +173,9 @@ def proof(args: argparse.Namespace, port: int, platform: Platform, load: Load, t
         box[0].send_signal(signal.SIGKILL)
         box[0].wait()
         time.sleep(1)
-        box[0] = start_bridge(port, platform.grpc, tmp / "bridge.log", client_id="bench-bridge")
+        box[0] = start_bridge(
+            port, (platform.grpc, f"http://{platform.http}"), tmp / "bridge.log", client_id="bench-bridge"
+        )
 
     threading.Timer(3, kill_bridge).start()
     rows.append(

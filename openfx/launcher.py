@@ -52,7 +52,13 @@ async def run(stack_path: Path, stack: StackFile, settings: GatewaySettings, sta
         _say(str(exc))
         return 2
     context = PlatformContext(
-        stack, stack_path, state_dir, settings.grpc_address, _token(settings), gateway.metrics.registry
+        stack,
+        stack_path,
+        state_dir,
+        settings.grpc_address,
+        _token(settings),
+        gateway.metrics.registry,
+        gateway_http=f"{'https' if settings.tls else 'http'}://{settings.http_address}",
     )
     triggers: list[Trigger] = [t for kind in KINDS.values() if (t := kind.from_stack(context)) is not None]
     started: list[Trigger] = []

@@ -48,13 +48,14 @@ def start_broker(tmp: Path, persistence: bool = False) -> Broker:
 
 def start_bridge(
     broker_port: int,
-    gateway: str,
+    gateway: tuple[str, str],
     log: Path,
     *extra: str,
     client_id: str = "test-bridge",
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start the bridge and wait until it has subscribed (its log says "ready")."""
+    """Start the bridge (to `gateway`: its gRPC address and HTTP URL) and wait until it has
+    subscribed (its log says "ready")."""
     before = log.read_text().count("; ready") if log.exists() else 0
     with open(log, "ab") as out:
         process = subprocess.Popen(
@@ -67,7 +68,9 @@ def start_bridge(
                 "--port",
                 str(broker_port),
                 "--gateway",
-                gateway,
+                gateway[0],
+                "--gateway-http",
+                gateway[1],
                 "--client-id",
                 client_id,
                 "--metrics",

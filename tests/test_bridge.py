@@ -47,7 +47,7 @@ def bridge(
     log = tmp_path_factory.mktemp("bridge") / "bridge.log"
     proc = start_bridge(
         broker.port,
-        gateway.grpc_address,
+        (gateway.grpc_address, gateway.http_url),
         log,
         "--route",
         "sensors/+/battery=binary",
@@ -209,7 +209,14 @@ def test_retry_budget_running_out_ends_in_a_dead_letter(
     metrics = f"127.0.0.1:{free_port()}"
     log = tmp_path / "bridge.log"
     proc = start_bridge(
-        broker.port, gateway.grpc_address, log, "-c", str(config), "--metrics", metrics, client_id="budget"
+        broker.port,
+        (gateway.grpc_address, gateway.http_url),
+        log,
+        "-c",
+        str(config),
+        "--metrics",
+        metrics,
+        client_id="budget",
     )
     device = Device(broker.port, ["replies/budget", "dlq/fn/badimport"])
     try:

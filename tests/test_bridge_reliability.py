@@ -104,7 +104,7 @@ def run_load(
         collector.close()
 
 
-def restartable_gateway(tmp: Path) -> tuple[Callable[[], RunningGateway], str]:
+def restartable_gateway(tmp: Path) -> tuple[Callable[[], RunningGateway], tuple[str, str]]:
     addresses = {"grpc_address": f"127.0.0.1:{free_port()}", "http_address": f"127.0.0.1:{free_port()}"}
 
     def start() -> RunningGateway:
@@ -114,7 +114,7 @@ def restartable_gateway(tmp: Path) -> tuple[Callable[[], RunningGateway], str]:
         gw.wait_ready(names=READY_FUNCTIONS)
         return gw
 
-    return start, addresses["grpc_address"]
+    return start, (addresses["grpc_address"], f"http://{addresses['http_address']}")
 
 
 def test_gateway_killed_and_restarted_loses_nothing(broker: Broker, tmp_path: Path) -> None:

@@ -187,7 +187,10 @@ def test_video_client_and_bridge_pass_the_token(secured: RunningGateway, tmp_pat
 
     broker = start_broker(tmp_path)
     bridge = start_bridge(
-        broker.port, secured.grpc_address, tmp_path / "bridge.log", env={"OPENFX_TOKEN": INVOKER}
+        broker.port,
+        (secured.grpc_address, secured.http_url),
+        tmp_path / "bridge.log",
+        env={"OPENFX_TOKEN": INVOKER},
     )
     device = Device(broker.port, ["fn/echo/reply"])
     try:

@@ -1,18 +1,19 @@
-"""`python -m openfx.bridge [-c broker/bridge.yaml]`: run the MQTT-to-gRPC bridge until SIGTERM."""
+"""`python -m openfx.bridge [-c broker/bridge.yaml]`: run the MQTT bridge to the gateway until SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import sys
-import threading
 
+import uvloop
 from pydantic import ValidationError
 
 from openfx.bridge.bridge import Bridge
-from openfx.bridge.config import Route, load_bridge_config
+from openfx.bridge.config import BridgeConfig, Route, load_bridge_config
 from openfx.config import ConfigError
 
 
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", help="broker host")
     p.add_argument("--port", type=int, help="broker port")
     p.add_argument("--gateway", default=os.environ.get("OPENFX_URL"), help="gateway gRPC address")
+    p.add_argument(
+        "--gateway-http", default=os.environ.get("OPENFX_HTTP_URL"), help="gateway HTTP URL (transport http)"
+    )
+    p.add_argument("--transport", choices=["http", "grpc"], help="how to call the gateway (default http)")
     p.add_argument("--client-id", help="MQTT client id (stable across restarts)")
     p.add_argument(
         "--route",
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
             host=args.host,
             port=args.port,
             gateway=args.gateway,
+            gateway_http=args.gateway_http,
+            transport=args.transport,
             client_id=args.client_id,
             routes=routes,
             ack=args.ack,
@@ -62,15 +69,20 @@ def main(argv: list[str] | None = None) -> None:
     run(config)
 
 
-def run(config) -> None:  # type: ignore[no-untyped-def]
+def run(config: BridgeConfig) -> None:
+    uvloop.run(serve(config))
+
+
+async def serve(config: BridgeConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     bridge = Bridge(config)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    bridge.start()
-    stop.wait()
+    await bridge.start()
+    await stop.wait()
     logging.getLogger("openfx.bridge").info("stopping (finishing in-flight requests)")
-    bridge.stop()
+    await bridge.stop()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The bridge: MQTT 5 messages in, gateway `Invoke` calls, replies out, at least once.
+"""The bridge: MQTT 5 messages in, gateway calls, replies out, at least once.
 
 Delivery rules (each prevents a failure measured against mosquitto; tests/test_bridge*.py replay them):
 - subscribe at QoS 1 with manual acknowledgement; a message is PUBACKed only after the
@@ -13,20 +13,17 @@ Delivery rules (each prevents a failure measured against mosquitto; tests/test_b
 - Receive Maximum = max_inflight bounds the work the broker hands us (back-pressure,
   no unbounded queue); TCP_NODELAY avoids Nagle's 40 ms stalls.
 
-Calls are asynchronous end to end (gRPC futures, publish callbacks): no thread waits.
+Everything runs on one asyncio loop (mqtt_loop.py drives paho from it; gateway_client.py calls
+the gateway): no thread hands a message to another, and nothing needs a lock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import heapq
-import itertools
 import logging
-import socket
 import ssl
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,11 +34,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from openfx import readiness
+from openfx.bridge import gateway_client
 from openfx.bridge.config import BridgeConfig, valid_function_name
-from openfx.client_channel import gateway_channel
-from openfx.pb import fxgateway_pb2 as gpb
-from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
-from openfx.triggers.base import TOPIC_KEY, TRIGGER_KEY, TriggerMetrics
+from openfx.bridge.mqtt_loop import AsyncioMqtt, BufferedClient
+from openfx.triggers.base import TriggerMetrics
 
 log = logging.getLogger("openfx.bridge")
 RETRYABLE = {
@@ -49,40 +45,6 @@ RETRYABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-
-
-class Scheduler:
-    """One thread running delayed callbacks (retries) in time order."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._cond = threading.Condition()
-        self._seq = itertools.count()
-        self._stopped = False
-        threading.Thread(target=self._run, name="bridge-retries", daemon=True).start()
-
-    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), fn))
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
-                    self._cond.wait(None if not self._heap else max(0.0, self._heap[0][0] - time.monotonic()))
-                if self._stopped:
-                    return
-                _, _, fn = heapq.heappop(self._heap)
-            try:
-                fn()
-            except Exception:
-                log.exception("retry callback failed")
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
 
 
 @dataclass
@@ -114,38 +76,29 @@ class BridgeMetrics:
 
 
 class Bridge:
+    """Built and run on one event loop: `await start()`, then `await stop()`."""
+
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
         # devices publish to the same topics again and again: match the route filters once per topic
         self._function_for = functools.lru_cache(maxsize=4096)(config.function_for)
         self.metrics = BridgeMetrics()
-        self.scheduler = Scheduler()
         self.generation = 0
-        self.connected = threading.Event()
-        self._lock = threading.Lock()
         self._publishes: dict[int, Job] = {}
-        self._early_acks: set[int] = set()
         self._inflight = 0
-        self._idle = threading.Condition(self._lock)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
-        self.channel = gateway_channel(
-            config.gateway,
-            config.token,
-            config.gateway_tls_ca,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
-        )
-        self.stub = gpb_grpc.FxGatewayStub(self.channel)
+        self.gateway = gateway_client.connect(config)
         self.client = self._make_client()
+        self.mqtt = AsyncioMqtt(self.client, asyncio.get_running_loop())
 
     # -- MQTT ----------------------------------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> BufferedClient:
         c = self.config
-        client = mqtt.Client(
+        client = BufferedClient(
             mqtt.CallbackAPIVersion.VERSION2, client_id=c.client_id, protocol=mqtt.MQTTv5, manual_ack=True
         )
         if c.username:
@@ -157,10 +110,8 @@ class Bridge:
                 keyfile=c.tls.keyfile,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        client.reconnect_delay_set(min_delay=0.1, max_delay=2)
         client.max_inflight_messages_set(max(20, c.max_inflight))
         client.max_queued_messages_set(0)
-        client.on_socket_open = self._on_socket_open
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -168,7 +119,8 @@ class Bridge:
         client.on_subscribe = self._on_subscribe
         return client
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Connect in the background (a broker that is not up yet is retried); returns at once."""
         c = self.config
         if c.metrics_address:
             host, _, port = c.metrics_address.rpartition(":")
@@ -177,14 +129,7 @@ class Bridge:
         props.SessionExpiryInterval = c.session_expiry
         props.ReceiveMaximum = c.max_inflight
         self.client.connect_async(c.host, c.port, keepalive=30, clean_start=False, properties=props)
-        self.client.loop_start()
-
-    @staticmethod
-    def _on_socket_open(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paho never does: 40 ms stalls
-        except (OSError, AttributeError):
-            pass
+        self.mqtt.reconnect_soon()
 
     def _on_connect(
         self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
@@ -192,18 +137,18 @@ class Bridge:
         if getattr(reason, "is_failure", False):
             log.error("broker refused the connection: %s", reason)
             return
-        with self._lock:
-            self.generation += 1
+        self.generation += 1
         options = SubscribeOptions(qos=1, noLocal=True)
         client.subscribe([(route.filter, options) for route in self.config.routes])
-        self.connected.set()
+        self.mqtt.connected.set()
         log.info(
-            "connected to %s:%d as %s (session present: %s); routes: %s",
+            "connected to %s:%d as %s (session present: %s); routes: %s; gateway: %s",
             self.config.host,
             self.config.port,
             self.config.client_id,
             getattr(flags, "session_present", "?"),
             ", ".join(f"{r.filter} -> {r.function}" for r in self.config.routes),
+            self.config.gateway_target(),
         )
 
     def _on_subscribe(
@@ -220,9 +165,10 @@ class Bridge:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
     ) -> None:
-        self.connected.clear()
+        self.mqtt.connected.clear()
         if not self.stopping:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
+            self.mqtt.reconnect_soon()
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         config = self.config
@@ -241,47 +187,41 @@ class Bridge:
             response_topic=getattr(props, "ResponseTopic", None),
             correlation=getattr(props, "CorrelationData", None),
         )
-        with self._lock:
-            self._inflight += 1
-            self.metrics.inflight.set(self._inflight)
+        self._inflight += 1
+        self._idle.clear()
+        self.metrics.inflight.set(self._inflight)
         if config.ack == "on-receipt":
             self._ack(job.mid, job.qos, job.generation)
-        self._invoke(job)
+        task = asyncio.get_running_loop().create_task(self._invoke(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- invoking ------------------------------------------------------------
 
-    def _invoke(self, job: Job) -> None:
+    async def _invoke(self, job: Job) -> None:
         if not job.function or not valid_function_name(job.function):
             # answered like every refusal: "<CODE>: <message>" (README, MQTT)
             self._finish(
                 job, grpc.StatusCode.NOT_FOUND, f"NOT_FOUND: no function for topic {job.topic!r}".encode()
             )
             return
-        job.attempts += 1
-        metadata = ((TRIGGER_KEY, "mqtt"), (TOPIC_KEY, job.topic))
-        future = self.stub.Invoke.future(
-            gpb.InvokeServiceRequest(Service=job.function, Input=job.payload),
-            timeout=self.config.invoke_timeout,
-            metadata=metadata,
-        )
-        future.add_done_callback(lambda f: self._invoked(job, f))
-
-    def _invoked(self, job: Job, future: grpc.Future) -> None:
-        try:
-            output, code = future.result().Msg, grpc.StatusCode.OK
-        except grpc.RpcError as exc:
-            code = exc.code()
-            output = f"{code.name}: {exc.details()}".encode()
-        self.metrics.invoked.labels(code.name).inc()
-        self.metrics.trigger.count("mqtt", job.function or "", code)
-        if code in RETRYABLE:
-            retry = self.config.retry
+        retry = self.config.retry
+        while True:
+            job.attempts += 1
+            code, output = await self.gateway.invoke(job.function, job.payload, job.topic)
+            self.metrics.invoked.labels(code.name).inc()
+            self.metrics.trigger.count("mqtt", job.function, code)
+            if code not in RETRYABLE:
+                break
             delay = min(retry.max_delay, retry.first_delay * 2 ** (job.attempts - 1))
-            if time.monotonic() + delay - job.started < retry.budget_seconds:
-                self.metrics.retried.inc()
-                self.scheduler.call_later(delay, lambda: self._invoke(job))
-                return
+            if time.monotonic() + delay - job.started >= retry.budget_seconds:
+                break
+            self.metrics.retried.inc()
+            await self._backoff(delay)
         self._finish(job, code, output)
+
+    async def _backoff(self, delay: float) -> None:
+        await asyncio.sleep(delay)
 
     def _finish(self, job: Job, code: grpc.StatusCode, output: bytes) -> None:
         """Answer the device (and dead-letter a refusal), then ack once every publish is acknowledged."""
@@ -303,67 +243,46 @@ class Bridge:
                 dead_props.CorrelationData = job.correlation
             publishes.append((f"{self.config.dead_letter_prefix}{job.topic}", job.payload, dead_props))
             self.metrics.dead.inc()
-        # publish outside our lock: paho calls _on_publish holding its own lock (no lock-order inversion)
-        mids = []
+        job.publishes_left = len(publishes)
         for topic, payload, props in publishes:
             info = self.client.publish(topic, payload, qos=1, properties=props)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 log.error("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
-            mids.append(info.mid)
-        with self._lock:
-            job.publishes_left = len(mids)
-            for mid in mids:
-                if mid in self._early_acks:  # PUBACK arrived before we got here
-                    self._early_acks.discard(mid)
-                    job.publishes_left -= 1
-                else:
-                    self._publishes[mid] = job
-            done = job.publishes_left == 0
-        if done:
-            self._done(job)
+            self._publishes[info.mid] = job  # PUBACKs are read on this loop, never before this line
 
     def _on_publish(
         self, client: mqtt.Client, userdata: object, mid: int, reason: object, props: object
     ) -> None:
-        with self._lock:
-            job = self._publishes.pop(mid, None)
-            if job is None:
-                if len(self._early_acks) > 100_000:  # stale mids (e.g. from before a reconnect)
-                    self._early_acks.clear()
-                self._early_acks.add(mid)
-                return
-            job.publishes_left -= 1
-            done = job.publishes_left == 0
-        if done:
+        job = self._publishes.pop(mid, None)
+        if job is None:  # a mid from before a reconnect, already settled
+            return
+        job.publishes_left -= 1
+        if job.publishes_left == 0:
             self._done(job)
 
     def _done(self, job: Job) -> None:
         self.metrics.replied.inc()
         if self.config.ack == "after-reply":
             self._ack(job.mid, job.qos, job.generation)
-        with self._lock:
-            self._inflight -= 1
-            self.metrics.inflight.set(self._inflight)
-            self._idle.notify_all()
+        self._inflight -= 1
+        self.metrics.inflight.set(self._inflight)
+        if not self._inflight:
+            self._idle.set()
 
     def _ack(self, mid: int, qos: int, generation: int) -> None:
-        if qos == 0:
-            return
-        with self._lock:
-            current = generation == self.generation
-        if current:  # an ack for an older connection would acknowledge a different message
+        if qos and generation == self.generation:  # an older connection's mid is another message
             self.client.ack(mid, qos)
 
     # -- stopping ------------------------------------------------------------
 
-    def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
         """Finish what is in flight (bounded), then disconnect; unacked messages stay with the broker."""
         self.stopping = True
-        deadline = time.monotonic() + grace
-        with self._lock:
-            while self._inflight and time.monotonic() < deadline:
-                self._idle.wait(0.1)
-        self.client.disconnect()
-        self.client.loop_stop()
-        self.scheduler.stop()
-        self.channel.close()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            log.warning("stopping with %d request(s) unanswered (the broker redelivers them)", self._inflight)
+        await self.mqtt.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.gateway.close()

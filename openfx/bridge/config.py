@@ -13,7 +13,7 @@ from typing import Literal
 
 import yaml
 from paho.mqtt.client import topic_matches_sub
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from openfx import defaults
 from openfx.config import NAME_RE, ConfigError, yaml_error
@@ -70,7 +70,11 @@ class BridgeConfig(_Strict):
     username: str | None = None
     password: str | None = None
     tls: TLS | None = None
-    gateway: str = defaults.GATEWAY_GRPC
+    gateway: str = defaults.GATEWAY_GRPC  # the gateway's gRPC address (transport: grpc)
+    gateway_http: str = f"http://{defaults.GATEWAY_HTTP}"  # its HTTP trigger (transport: http)
+    # http: keep-alive calls, a third of gRPC's CPU. Unset: http, unless only `gateway` was given
+    # (then that gRPC address is the one the user meant, never the default HTTP one)
+    transport: Literal["http", "grpc"] = "http"
     token: str | None = (
         None  # bearer token for the gateway; default OPENFX_TOKEN (keep it out of files in git)
     )
@@ -86,6 +90,24 @@ class BridgeConfig(_Strict):
     ack: Literal["after-reply", "on-receipt"] = "after-reply"  # on-receipt only to show what it loses
     metrics_address: str | None = "127.0.0.1:9101"
     ready_file: str | None = None  # touched once subscribed (the platform waits for it)
+
+    @field_validator("gateway_http")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        scheme, _, rest = value.partition("://")
+        if scheme not in ("http", "https") or not rest or rest.startswith("/"):
+            raise ValueError(f"not an http:// or https:// URL: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _transport_for_the_address_given(self) -> BridgeConfig:
+        given = self.model_fields_set
+        if "transport" not in given and "gateway" in given and "gateway_http" not in given:
+            self.transport = "grpc"
+        return self
+
+    def gateway_target(self) -> str:
+        return self.gateway_http if self.transport == "http" else f"{self.gateway} (gRPC)"
 
     def function_for(self, topic: str) -> str | None:
         for route in self.routes:

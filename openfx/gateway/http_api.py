@@ -24,6 +24,7 @@ from openfx.gateway.auth import AuthError, TokenStore, http_scope
 from openfx.gateway.management import Management
 from openfx.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from openfx.pb import fxgateway_pb2 as gpb
+from openfx.triggers import KINDS, MAX_TOPIC, STATUS_KEY, TIMEOUT_KEY, TOPIC_KEY, TRIGGER_KEY
 
 OPENAPI = Path(__file__).with_name("openapi.yaml")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -31,6 +32,35 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _text(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message.rstrip("\n") + "\n")
+
+
+def _refused(exc: InvokeError) -> web.Response:
+    """A function call's refusal: one line, the mapped status, and the exact gRPC code by name."""
+    return web.Response(
+        status=exc.http, text=exc.message.rstrip("\n") + "\n", headers={STATUS_KEY: exc.code.name}
+    )
+
+
+def relayed(request: web.Request) -> tuple[str, str, float | None]:
+    """The trigger name, topic and deadline a trigger relays in headers (plain HTTP: "http").
+
+    Like the gRPC metadata: only the names of trigger kinds are taken, topics are capped."""
+    headers = request.headers
+    trigger = headers.get(TRIGGER_KEY, "http")
+    if trigger not in KINDS:
+        trigger = "http"
+    deadline = None
+    if (value := headers.get(TIMEOUT_KEY)) is not None:
+        try:
+            deadline = float(value)
+        except ValueError:
+            deadline = -1.0
+        if not 0 < deadline < 86_400:
+            raise InvokeError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bad {TIMEOUT_KEY} header {value[:40]!r}: seconds, more than 0 and less than a day",
+            )
+    return trigger, headers.get(TOPIC_KEY, "")[:MAX_TOPIC], deadline
 
 
 def _json_error(exc: InvokeError) -> web.Response:
@@ -104,16 +134,17 @@ def build_app(
     async def invoke(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         if not NAME_RE.match(name):
-            return _text(400, f"invalid function name {name!r}")
+            return _refused(InvokeError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid function name {name!r}"))
         try:
+            trigger, topic, deadline = relayed(request)
             body = await read_body(request, body_timeout)
         except InvokeError as exc:
             metrics.observe(name, exc.http, 0.0)
-            return _text(exc.http, exc.message)
+            return _refused(exc)
         try:
-            reply = await invoker.invoke(name, body, "http")
+            reply = await invoker.invoke(name, body, trigger, topic, deadline)
         except InvokeError as exc:
-            return _text(exc.http, exc.message)
+            return _refused(exc)
         # the function chose the type (or it is opaque bytes); browsers must not guess another
         return web.Response(
             body=reply.Output,

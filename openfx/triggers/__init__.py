@@ -10,10 +10,29 @@ accepts every name in `KINDS` as a relayed trigger name.
 
 from __future__ import annotations
 
-from openfx.triggers.base import TOPIC_KEY, TRIGGER_KEY, PlatformContext, Trigger, TriggerError
+from openfx.triggers.base import (
+    MAX_TOPIC,
+    STATUS_KEY,
+    TIMEOUT_KEY,
+    TOPIC_KEY,
+    TRIGGER_KEY,
+    PlatformContext,
+    Trigger,
+    TriggerError,
+)
 from openfx.triggers.mqtt import MqttTrigger
 from openfx.triggers.schedule import ScheduleTrigger
 
 KINDS: dict[str, type[Trigger]] = {"mqtt": MqttTrigger, "schedule": ScheduleTrigger}
 
-__all__ = ["KINDS", "TOPIC_KEY", "TRIGGER_KEY", "PlatformContext", "Trigger", "TriggerError"]
+__all__ = [
+    "KINDS",
+    "MAX_TOPIC",
+    "STATUS_KEY",
+    "TIMEOUT_KEY",
+    "TOPIC_KEY",
+    "TRIGGER_KEY",
+    "PlatformContext",
+    "Trigger",
+    "TriggerError",
+]

@@ -27,9 +27,14 @@ from prometheus_client import CollectorRegistry, Counter
 from openfx.config import StackFile
 from openfx.errors import http_status
 
-# gRPC metadata a trigger sets on its Invoke: the handler's req.info.Trigger.Name and .Topic
+# gRPC metadata (or HTTP headers) a trigger sets on its call: the handler's req.info.Trigger.Name
+# and .Topic; over HTTP, the deadline in seconds (gRPC carries its own) and, on every refusal, the
+# gRPC status name the HTTP status was mapped from (several codes share one HTTP status)
 TRIGGER_KEY = "x-openfx-trigger"
 TOPIC_KEY = "x-openfx-topic"
+TIMEOUT_KEY = "x-openfx-timeout"
+STATUS_KEY = "x-openfx-status"
+MAX_TOPIC = 1024
 SUPERVISE_BACKOFF = (0.5, 10.0)
 
 log = logging.getLogger("openfx.platform")
@@ -60,6 +65,7 @@ class PlatformContext:
     gateway: str  # the gateway's gRPC address
     token: str | None = None  # the platform's token for the gateway, if it needs one
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)  # the gateway's /metrics
+    gateway_http: str = ""  # the gateway's HTTP base URL (the MQTT bridge calls its trigger route)
     metrics: TriggerMetrics = field(init=False)
 
     def __post_init__(self) -> None:

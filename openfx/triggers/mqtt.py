@@ -62,6 +62,7 @@ class MqttTrigger(Trigger):
                 str(self.ready_file),
                 "--gateway",
                 self.context.gateway,
+                *(["--gateway-http", self.context.gateway_http] if self.context.gateway_http else []),
             ],
             stdin=subprocess.DEVNULL,
         )
