@@ -117,7 +117,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 
 def _wait_for_spark(env: dict[str, str], timeout: float = 180) -> None:
     """The pyspark function answers rows at once but its accuracy line only once its Spark session
-    is up (UNAVAILABLE before): a user reading on waits that long too."""
+    is up: the call waits for it (up to the function's 120 s timeout, UNAVAILABLE after), as a
+    user's first `fn call pyspark` does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = subprocess.run(
@@ -126,7 +127,7 @@ def _wait_for_spark(env: dict[str, str], timeout: float = 180) -> None:
             env=env,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=300,
         )
         if out.returncode == 0:
             return
