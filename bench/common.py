@@ -97,14 +97,20 @@ class Platform:
         functions: list[str],
         max_inflight: int = 1000,
         environment: dict[str, dict[str, str]] | None = None,
+        standalone: bool = True,
+        pinned: int | None = None,
     ) -> None:
         """`environment`: per function, variables that override its config's (e.g. the crawler's
-        CRAWLER_ALLOW_PRIVATE for a page served on loopback)."""
+        CRAWLER_ALLOW_PRIVATE for a page served on loopback). `standalone`: also run each function's
+        watcher on its own (for direct calls). `pinned`: every function keeps exactly that many
+        replicas (no autoscaling), so a bench measures the same replicas from run to run."""
         self.tmp = Path(tempfile.mkdtemp(prefix="openfx-bench-"))
         stack = self.tmp / "stack.yaml"
         lines = ["include:"] + [f"  - {ROOT}/functions/{fn}/config.yaml" for fn in functions] + ["functions:"]
         for fn in functions:
             lines += [f"  {fn}:", f"    max_inflight: {max_inflight}"]
+            if pinned is not None:
+                lines += [f"    {key}: {pinned}" for key in ("replicas", "min_replicas", "max_replicas")]
             if environment and fn in environment:
                 lines += ["    environment:"] + [f"      {k}: '{v}'" for k, v in environment[fn].items()]
         stack.write_text("\n".join(lines) + "\n")
@@ -130,7 +136,7 @@ class Platform:
             )
         ]
         self.watchers: dict[str, str] = {}
-        for fn in functions:
+        for fn in functions if standalone else []:
             address = f"127.0.0.1:{free_port()}"
             settings = WatcherSettings(
                 handler_file=f"{ROOT}/functions/{fn}/src/handler.py",

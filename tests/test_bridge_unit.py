@@ -14,6 +14,8 @@ from typing import Any
 import grpc
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from openfx.bridge import bridge as bridge_module
 from openfx.bridge.bridge import Bridge
@@ -124,8 +126,15 @@ def message(
     )
 
 
+def wire(props: object) -> Properties:
+    """The properties as a device reads them: what the bridge's object packs, parsed by paho."""
+    parsed = Properties(PacketTypes.PUBLISH)
+    parsed.unpack(props.pack())  # type: ignore[attr-defined]
+    return parsed
+
+
 def users(props: object) -> dict[str, str]:
-    return dict(props.UserProperty)  # type: ignore[attr-defined]
+    return dict(wire(props).UserProperty)
 
 
 def sample(b: Bridge, name: str, **labels: str) -> float:
@@ -144,7 +153,8 @@ async def test_ok_reply_then_ack_after_the_reply_is_acknowledged() -> None:
     await h.receive(message("fn/echo", b"in", ResponseTopic="r/1", CorrelationData=b"c"))
     assert h.gateway.calls == [("echo", b"in", "fn/echo")]  # the topic goes with the call
     [(topic, payload, props)] = client.published
-    assert (topic, payload, props.CorrelationData, users(props)) == ("r/1", b"out", b"c", {"status": "OK"})
+    got = (topic, payload, wire(props).CorrelationData, users(props))
+    assert got == ("r/1", b"out", b"c", {"status": "OK"})
     assert client.acked == [] and sample(b, "bridge_inflight") == 1  # not before the reply's PUBACK
     b._on_publish(client, None, 100, None, None)  # type: ignore[arg-type]
     assert client.acked == [(7, 1)] and sample(b, "bridge_inflight") == 0
@@ -173,7 +183,7 @@ async def test_default_reply_topic_and_a_stale_puback() -> None:
     h.bridge._on_publish(h.client, None, 555, None, None)  # type: ignore[arg-type]  # not ours: ignored
     await h.receive(message("fn/echo"))
     assert h.client.published[0][0] == "fn/echo/reply"
-    assert not hasattr(h.client.published[0][2], "CorrelationData")
+    assert not hasattr(wire(h.client.published[0][2]), "CorrelationData")
     puback_all(h.bridge, h.client)
     assert h.client.acked == [(7, 1)]
 
@@ -193,7 +203,7 @@ def test_refusals_are_answered_and_dead_lettered_at_once(delays: list[float], co
             f"{code.name}: no good".encode(),
             {"status": code.name},
         )
-        assert (dead_topic, dead, dead_props.CorrelationData) == ("dlq/fn/x", b"payload", b"c9")
+        assert (dead_topic, dead, wire(dead_props).CorrelationData) == ("dlq/fn/x", b"payload", b"c9")
         assert users(dead_props) == {"status": code.name, "function": "x", "error": f"{code.name}: no good"}
         labels = {"trigger": "mqtt", "function_name": "x", "code": str(http_status(code))}
         assert sample(b, "trigger_invocations_total", **labels) == 1
@@ -451,3 +461,15 @@ async def test_start_serves_metrics_on_the_configured_address() -> None:
     h.bridge.metrics.received.inc(3)
     text = await asyncio.to_thread(lambda: requests.get(f"http://{address}/metrics", timeout=10).text)
     assert "bridge_messages_received_total 3.0" in text and "bridge_inflight 0.0" in text
+
+
+@pytest.mark.parametrize("status", ["OK", "NOT_FOUND", "DEADLINE_EXCEEDED"])
+@pytest.mark.parametrize("correlation", [None, b"", b"c9", bytes(range(256)) * 200])
+def test_reply_properties_pack_to_the_bytes_paho_would_send(status: str, correlation: bytes | None) -> None:
+    from openfx.bridge.bridge import ReplyProperties
+
+    reference = Properties(PacketTypes.PUBLISH)
+    reference.UserProperty = [("status", status)]
+    if correlation is not None:
+        reference.CorrelationData = correlation
+    assert ReplyProperties(status, correlation).pack() == reference.pack()

@@ -26,8 +26,12 @@ def find_mosquitto() -> str:
     return binary
 
 
-def render_conf(state_dir: Path, port: int, host: str = "127.0.0.1", persistence: bool = True) -> Path:
-    """Write the config into state_dir (owned by the mosquitto user when we are root: it drops privileges)."""
+def render_conf(
+    state_dir: Path, port: int, host: str = "127.0.0.1", persistence: bool = True, extra: str = ""
+) -> Path:
+    """Write the config into state_dir (owned by the mosquitto user when we are root: it drops
+    privileges). `extra` lines are appended: a later line overrides an earlier one (e.g.
+    `allow_anonymous false`), and more `listener` blocks may follow."""
     state_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         try:
@@ -39,7 +43,7 @@ def render_conf(state_dir: Path, port: int, host: str = "127.0.0.1", persistence
     text = CONF_TEMPLATE.read_text().format(
         port=port, host=host, persistence="true" if persistence else "false", state_dir=state_dir
     )
-    conf.write_text(text)
+    conf.write_text(text + (f"\n{extra.strip()}\n" if extra.strip() else ""))
     return conf
 
 
@@ -50,8 +54,9 @@ def start(
     persistence: bool = True,
     log: int | None = subprocess.DEVNULL,
     timeout: float = 10.0,
+    extra: str = "",
 ) -> subprocess.Popen[bytes]:
-    conf = render_conf(state_dir, port, host, persistence)
+    conf = render_conf(state_dir, port, host, persistence, extra)
     process = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=log, stderr=log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -26,11 +26,37 @@ KEEPALIVE_TICK = 1.0  # loop_misc: PINGREQ when due, and drop a connection whose
 
 class BufferedClient(mqtt.Client):
     """paho reads a packet's fixed header a byte at a time (three or four `recv` calls per
-    message); this client reads what the socket has into a buffer and serves paho from it."""
+    message) and writes each packet with its own `send`; this client reads what the socket has
+    into a buffer and serves paho from it, and sends what one `loop_write` produced at once."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._inbox = bytearray()
+        self._outbox = bytearray()
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._sock is None:
+            raise ConnectionError("not connected")
+        self._outbox += buf  # sent by loop_write below, with the rest of this turn's packets
+        self._call_socket_register_write()
+        return len(buf)
+
+    def want_write(self) -> bool:
+        return bool(self._outbox) or super().want_write()
+
+    def loop_write(self) -> mqtt.MQTTErrorCode:
+        rc = super().loop_write()
+        outbox, sock = self._outbox, self._sock
+        if outbox and sock is not None:
+            try:
+                del outbox[: super()._sock_send(outbox)]
+            except BlockingIOError:
+                pass  # the socket is full: the writer stays registered and we come back
+            except OSError:
+                pass  # the connection is gone: the next read says so and paho reconnects
+            if not self.want_write():
+                self._call_socket_unregister_write()
+        return rc
 
     def _sock_recv(self, bufsize: int) -> bytes:
         inbox = self._inbox
@@ -52,6 +78,7 @@ class BufferedClient(mqtt.Client):
 
     def _sock_close(self) -> None:
         self._inbox.clear()  # a new connection never continues the old one's bytes
+        self._outbox.clear()  # (paho resends unacknowledged QoS 1 publishes itself)
         super()._sock_close()
 
 
