@@ -61,6 +61,45 @@ def test_request_info_reaches_the_handler(gateway: RunningGateway) -> None:
     assert requests.post(f"{gateway.http_url}/function/info", timeout=10).content == b"info|http||True"
 
 
+def test_a_trigger_relays_its_name_topic_and_deadline_over_http(gateway: RunningGateway) -> None:
+    """How the MQTT bridge calls over HTTP: the handler sees the trigger's name and topic; names
+    that are not trigger kinds stay "http"; the deadline header shortens the function's timeout."""
+    url = f"{gateway.http_url}/function/info"
+    relayed = {"X-Openfx-Trigger": "mqtt", "X-Openfx-Topic": "fn/info/" + "t" * 2000}
+    assert (
+        requests.post(url, headers=relayed, timeout=10).content
+        == b"info|mqtt|fn/info/" + b"t" * 1016 + b"|True"
+    )
+    spoofed = {"X-Openfx-Trigger": "admin", "X-Openfx-Topic": "x"}
+    assert requests.post(url, headers=spoofed, timeout=10).content == b"info|http|x|True"
+    r = requests.post(
+        f"{gateway.http_url}/function/sleeper", data=b"0.8", headers={"X-Openfx-Timeout": "0.2"}, timeout=10
+    )
+    assert (r.status_code, r.headers["X-Openfx-Status"]) == (504, "DEADLINE_EXCEEDED")
+    assert "timed out after 0.2s" in r.text
+    for bad in ("soon", "0", "-1", "nan", "1e9"):
+        r = requests.post(url, headers={"X-Openfx-Timeout": bad}, timeout=10)
+        assert (r.status_code, r.headers["X-Openfx-Status"]) == (400, "INVALID_ARGUMENT"), bad
+        assert r.text.startswith("bad x-openfx-timeout header") and r.text.count("\n") == 1
+
+
+def test_http_refusals_name_their_grpc_status(gateway: RunningGateway) -> None:
+    """Several codes share an HTTP status (400: INVALID_ARGUMENT, FAILED_PRECONDITION...); the
+    header says which one, so a relaying trigger answers devices with the gateway's own code."""
+    post = lambda name, data=b"": requests.post(f"{gateway.http_url}/function/{name}", data=data, timeout=10)  # noqa: E731
+    cases = {
+        ("nope", b""): (404, "NOT_FOUND"),
+        ("Bad_Name", b""): (400, "INVALID_ARGUMENT"),
+        ("fail", b"bad"): (400, "INVALID_ARGUMENT"),
+        ("fail", b"boom"): (500, "INTERNAL"),
+        ("badimport", b""): (503, "UNAVAILABLE"),
+    }
+    for (name, data), expected in cases.items():
+        r = post(name, data)
+        assert (r.status_code, r.headers.get("X-Openfx-Status")) == expected, name
+    assert "X-Openfx-Status" not in post("echo", b"fine").headers
+
+
 def test_class_handler_is_instantiated_once(gateway: RunningGateway) -> None:
     first = int(invoke(gateway, "cls", b"a").split(b":")[0])
     second = invoke(gateway, "cls", b"b")

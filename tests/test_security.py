@@ -254,8 +254,40 @@ def test_tls_on_grpc_and_http(tmp_path: Path) -> None:
             timeout=60,
         )
         assert out.stdout == b"cli tls", out.stderr
+        assert bridge_calls(gw.grpc_address, https, str(certs["ca"])) == [b"bridged", b"bridged"]
+        (tmp_path / "other").mkdir()
+        stranger = make_certificates(tmp_path / "other")["ca"]  # a CA that did not sign the gateway's
+        untrusted = bridge_calls(gw.grpc_address, https, str(stranger))
+        assert all(out.startswith(b"UNAVAILABLE: ") for out in untrusted), untrusted
     finally:
         gw.stop()
+
+
+def bridge_calls(grpc_address: str, https: str, ca: str) -> list[bytes]:
+    """The MQTT bridge's call to echo over each transport, trusting `ca` for the gateway."""
+    import asyncio
+
+    from openfx.bridge.config import BridgeConfig
+    from openfx.bridge.gateway_client import connect
+
+    async def call(transport: str) -> bytes:
+        try:
+            config = BridgeConfig(
+                gateway=grpc_address,
+                gateway_http=https,
+                transport=transport,
+                gateway_tls_ca=ca,
+                invoke_timeout=5,
+            )
+            client = connect(config)
+        except Exception as exc:  # a file that is not a CA: refused when the client is made
+            return f"UNAVAILABLE: {exc}".encode()
+        try:
+            return (await client.invoke("echo", b"bridged", "fn/echo"))[1]
+        finally:
+            await client.close()
+
+    return [asyncio.run(call("http")), asyncio.run(call("grpc"))]
 
 
 def stub_tls(gw: RunningGateway, ca: str) -> gpb_grpc.FxGatewayStub:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 
 import uvloop
@@ -78,7 +79,11 @@ async def serve(config: BridgeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    bridge = Bridge(config)
+    try:
+        bridge = Bridge(config)
+    except (OSError, ssl.SSLError) as exc:  # the gateway's CA file: missing, unreadable, not PEM
+        print(f"bridge: cannot use gateway_tls_ca: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     await bridge.start()
     await stop.wait()
     logging.getLogger("openfx.bridge").info("stopping (finishing in-flight requests)")
