@@ -95,6 +95,18 @@ def test_default_reply_topic_and_trigger_info(broker: Broker, bridge: Path) -> N
         device.close()
 
 
+def test_any_topic_reaches_the_handler_exactly(broker: Broker, bridge: Path) -> None:
+    """MQTT topics are UTF-8; HTTP headers and gRPC metadata are printable ASCII. The topic travels
+    percent-encoded and the handler sees the device's own (a literal "%41" stays "%41")."""
+    topic = "lab/온도/a b: c/%41"
+    device = Device(broker.port, ["replies/odd"])
+    try:
+        device.request(topic, b"", response_topic="replies/odd")
+        assert device.next().payload == f"info|mqtt|{topic}|True".encode()
+    finally:
+        device.close()
+
+
 def test_wildcard_route_to_a_named_function(broker: Broker, bridge: Path) -> None:
     device = Device(broker.port, ["sensors/+/battery/reply"])
     try:

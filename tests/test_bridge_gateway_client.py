@@ -162,7 +162,7 @@ def test_both_transports_give_the_same_outcomes_from_the_real_gateway(
         assert isinstance(client, HttpGateway if transport == "http" else GrpcGateway)
         try:
             return [
-                await client.invoke("info", b"", "fn/info"),
+                await client.invoke("info", b"", "fn/info/온도\r\n%41"),
                 await client.invoke("echo", bytes(range(256)), "fn/echo"),
                 await client.invoke("nope", b"", "fn/nope"),
                 await client.invoke("fail", b"bad", "fn/fail"),
@@ -171,7 +171,7 @@ def test_both_transports_give_the_same_outcomes_from_the_real_gateway(
             await client.close()
 
     info, echo, missing, refused = asyncio.run(body())
-    assert info == (grpc.StatusCode.OK, b"info|mqtt|fn/info|True")  # the handler sees the trigger
+    assert info == (grpc.StatusCode.OK, "info|mqtt|fn/info/온도\r\n%41|True".encode())  # the exact topic
     assert echo == (grpc.StatusCode.OK, bytes(range(256)))
     assert missing == (grpc.StatusCode.NOT_FOUND, b"NOT_FOUND: function 'nope' not found")
     assert refused[0] == grpc.StatusCode.INVALID_ARGUMENT and b"must not be 'bad'" in refused[1]

@@ -22,7 +22,7 @@ from openfx.bridge.config import BridgeConfig
 from openfx.client_channel import aio_gateway_channel, bearer
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
-from openfx.triggers.base import STATUS_KEY, TIMEOUT_KEY, TOPIC_KEY, TRIGGER_KEY
+from openfx.triggers.base import STATUS_KEY, TIMEOUT_KEY, TOPIC_KEY, TRIGGER_KEY, encode_topic
 
 Outcome = tuple[grpc.StatusCode, bytes]
 CODES = {code.name: code for code in grpc.StatusCode}
@@ -107,7 +107,7 @@ class HttpGateway:
     async def _post(self, function: str, payload: bytes, topic: str) -> Outcome:
         try:
             async with self.session.post(
-                f"{self.base}/function/{function}", data=payload, headers={TOPIC_KEY: topic}
+                f"{self.base}/function/{function}", data=payload, headers={TOPIC_KEY: encode_topic(topic)}
             ) as response:
                 body = await response.read()
                 if response.status == 200:
@@ -141,7 +141,7 @@ class GrpcGateway:
             reply = await self.stub.Invoke(
                 gpb.InvokeServiceRequest(Service=function, Input=payload),
                 timeout=self.timeout,
-                metadata=(*self.metadata, (TOPIC_KEY, topic)),
+                metadata=(*self.metadata, (TOPIC_KEY, encode_topic(topic))),
             )
         except grpc.aio.AioRpcError as exc:
             code = exc.code()

@@ -11,7 +11,7 @@ from openfx.errors import InvokeError
 from openfx.gateway.management import Management
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
-from openfx.triggers import KINDS, MAX_TOPIC, TOPIC_KEY, TRIGGER_KEY
+from openfx.triggers import KINDS, TOPIC_KEY, TRIGGER_KEY, decode_topic
 
 TRIGGERS = {"grpc", *KINDS}  # a trigger (openfx/triggers) relays its own name in TRIGGER_KEY
 
@@ -24,7 +24,7 @@ def _trigger(context: grpc.aio.ServicerContext) -> tuple[str, str]:
         if key == TRIGGER_KEY and value in TRIGGERS:
             trigger = value
         elif key == TOPIC_KEY:
-            topic = value[:MAX_TOPIC]
+            topic = decode_topic(value)
         elif key == hops.METADATA_KEY:
             hops.inbound.set(hops.parse_hops(value))
     return trigger, topic

@@ -24,7 +24,7 @@ from openfx.gateway.auth import AuthError, TokenStore, http_scope
 from openfx.gateway.management import Management
 from openfx.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from openfx.pb import fxgateway_pb2 as gpb
-from openfx.triggers import KINDS, MAX_TOPIC, STATUS_KEY, TIMEOUT_KEY, TOPIC_KEY, TRIGGER_KEY
+from openfx.triggers import KINDS, STATUS_KEY, TIMEOUT_KEY, TOPIC_KEY, TRIGGER_KEY, decode_topic
 
 OPENAPI = Path(__file__).with_name("openapi.yaml")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -60,7 +60,7 @@ def relayed(request: web.Request) -> tuple[str, str, float | None]:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"bad {TIMEOUT_KEY} header {value[:40]!r}: seconds, more than 0 and less than a day",
             )
-    return trigger, headers.get(TOPIC_KEY, "")[:MAX_TOPIC], deadline
+    return trigger, decode_topic(headers.get(TOPIC_KEY, "")), deadline
 
 
 def _json_error(exc: InvokeError) -> web.Response:

@@ -19,6 +19,8 @@ from openfx.triggers.base import (
     PlatformContext,
     Trigger,
     TriggerError,
+    decode_topic,
+    encode_topic,
 )
 from openfx.triggers.mqtt import MqttTrigger
 from openfx.triggers.schedule import ScheduleTrigger
@@ -35,4 +37,6 @@ __all__ = [
     "PlatformContext",
     "Trigger",
     "TriggerError",
+    "decode_topic",
+    "encode_topic",
 ]

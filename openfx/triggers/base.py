@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import logging
 import signal
 import subprocess
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,19 @@ TOPIC_KEY = "x-openfx-topic"
 TIMEOUT_KEY = "x-openfx-timeout"
 STATUS_KEY = "x-openfx-status"
 MAX_TOPIC = 1024
+
+
+@functools.lru_cache(maxsize=4096)  # devices publish to the same topics again and again
+def encode_topic(topic: str) -> str:
+    """A topic as the TOPIC_KEY value: percent-encoded UTF-8, so any MQTT topic (non-ASCII, even
+    CR/LF) fits in gRPC metadata and HTTP headers (printable ASCII only) and comes back exact."""
+    return urllib.parse.quote(topic, safe="/+#$")
+
+
+def decode_topic(value: str) -> str:
+    return urllib.parse.unquote(value)[:MAX_TOPIC]
+
+
 SUPERVISE_BACKOFF = (0.5, 10.0)
 
 log = logging.getLogger("openfx.platform")

@@ -27,7 +27,7 @@ from openfx.client_channel import aio_gateway_channel, bearer
 from openfx.function_def import SCHEDULE, SCHEDULE_ENABLED, SCHEDULE_INPUT, TIMEOUT
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
-from openfx.triggers.base import TOPIC_KEY, TRIGGER_KEY, PlatformContext, Trigger
+from openfx.triggers.base import TOPIC_KEY, TRIGGER_KEY, PlatformContext, Trigger, encode_topic
 
 log = logging.getLogger("openfx.platform")
 REFRESH_SECONDS = 2.0
@@ -183,7 +183,11 @@ class ScheduleTrigger(Trigger):
         try:
             await self.stub.Invoke(
                 gpb.InvokeServiceRequest(Service=name, Input=schedule.input),
-                metadata=((TRIGGER_KEY, self.kind), (TOPIC_KEY, schedule.cron), *bearer(self.context.token)),
+                metadata=(
+                    (TRIGGER_KEY, self.kind),
+                    (TOPIC_KEY, encode_topic(schedule.cron)),
+                    *bearer(self.context.token),
+                ),
                 timeout=schedule.timeout + 5,
             )
         except grpc.aio.AioRpcError as exc:
