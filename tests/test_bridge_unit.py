@@ -374,6 +374,21 @@ async def test_stop_gives_up_after_its_grace_and_leaves_the_message_unacked() ->
 
 
 @run
+async def test_an_unexpected_error_in_the_call_is_answered_and_dead_lettered() -> None:
+    class Broken(Gateway):
+        async def invoke(self, function: str, payload: bytes, topic: str) -> Outcome:
+            raise ValueError("a bug")
+
+    h = Harness(Broken(), [])
+    await h.receive(message("fn/x", b"p"))
+    (_, reply, props), (dead_topic, _, _) = h.client.published
+    assert reply == b"INTERNAL: bridge: ValueError('a bug')" and users(props) == {"status": "INTERNAL"}
+    assert dead_topic == "dlq/fn/x"
+    puback_all(h.bridge, h.client)
+    assert h.client.acked == [(7, 1)] and sample(h.bridge, "bridge_inflight") == 0
+
+
+@run
 async def test_a_long_error_is_cut_to_512_characters_in_the_dead_letter() -> None:
     h = Harness(Gateway(refused(grpc.StatusCode.INVALID_ARGUMENT, "é" * 600)), [])
     await h.receive(message("fn/x"))

@@ -241,7 +241,11 @@ class Bridge:
         retry = self.config.retry
         while True:
             job.attempts += 1
-            code, output = await self.gateway.invoke(job.function, job.payload, job.topic)
+            try:
+                code, output = await self.gateway.invoke(job.function, job.payload, job.topic)
+            except Exception as exc:  # a bug of ours must still answer the device, never strand it
+                log.exception("calling %s for %s failed", job.function, job.topic)
+                code, output = grpc.StatusCode.INTERNAL, f"INTERNAL: bridge: {exc!r}".encode()
             self.metrics.invoked.labels(code.name).inc()
             self.metrics.trigger.count("mqtt", job.function, code)
             if code not in RETRYABLE:
