@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -134,7 +135,39 @@ class Load:
             c.loop_stop()
 
 
-def one_run(args: argparse.Namespace, number: int) -> dict:
+PROCESSES = ("load generator", "broker", "bridge", "gateway", "echo replica")
+
+
+class Measured:
+    """Runs rows of one run, each with the CPU every process spent per message (from /proc); the
+    pids are looked up at each row, as the kill runs replace the gateway and the bridge."""
+
+    def __init__(self, broker: subprocess.Popen[bytes], platform: Platform, box: list) -> None:
+        self.broker, self.platform, self.box = broker, platform, box
+        self.rows: list[tuple[str, str, dict, dict[str, float] | None]] = []
+
+    def pids(self) -> dict[str, list[int]]:
+        gateway = self.platform.procs[0].pid
+        return {
+            "load generator": [os.getpid()],
+            "broker": [self.broker.pid],
+            "bridge": [self.box[0].pid],
+            "gateway": [gateway],
+            "echo replica": descendants(gateway),
+        }
+
+    def row(self, path: str, load: str, count: int, measure: Callable[[], dict], cpu: bool = True) -> dict:
+        before = {name: sum(map(cpu_seconds, pids)) for name, pids in self.pids().items()}
+        result = measure()
+        spent = {
+            name: (sum(map(cpu_seconds, pids)) - before[name]) / count * 1e6
+            for name, pids in self.pids().items()
+        }
+        self.rows.append((path, load, result, spent if cpu else None))
+        return result
+
+
+def one_run(args: argparse.Namespace, number: int) -> list:
     tmp = Path(tempfile.mkdtemp(prefix="openfx-mqtt-bench-"))
     port = free_port()
     broker = mosquitto.start(tmp / "mosquitto", port, persistence=False)
@@ -142,39 +175,35 @@ def one_run(args: argparse.Namespace, number: int) -> dict:
     gateway = (platform.grpc, f"http://{platform.http}")
     client_id = f"bench-bridge-{number}"  # the same after a restart: the broker kept its session
     box = [start_bridge(port, gateway, tmp / "bridge.log", client_id=client_id)]
-    rows: list[tuple[str, str, dict]] = []
-    cpu: dict[str, float] = {}
+    m = Measured(broker, platform, box)
+    flood, paced = f"flood {args.flood:,}", f"paced {args.rate:g}/s {args.paced:,}"
     try:
         raw = Load(port, "raw/echo")
-        for label, count, rate in (
-            ("flood", args.flood, None),
-            (f"paced {args.rate:g}/s", args.paced, args.rate),
-        ):
-            rows.append(
-                ("raw broker round trip", f"{label} {count:,}", raw.run("raw/echo", count, rate, "unused"))
-            )
+        m.row("raw broker round trip", flood, args.flood, lambda: raw.run("raw/echo", args.flood, None, "-"))
+        m.row(
+            "raw broker round trip",
+            paced,
+            args.paced,
+            lambda: raw.run("raw/echo", args.paced, args.rate, "-"),
+        )
         raw.close()
         via = Load(port, "bench/replies")
         via.run("fn/echo", min(500, args.flood), None, "bench/replies")  # warm up
-        gateway_pid = platform.procs[0].pid
-        processes = {
-            "load generator": [os.getpid()],
-            "broker": [broker.pid],
-            "bridge": [box[0].pid],
-            "gateway": [gateway_pid],
-            "echo replica": descendants(gateway_pid),
-        }
-        before = {name: sum(map(cpu_seconds, pids)) for name, pids in processes.items()}
-        flood = via.run("fn/echo", args.flood, None, "bench/replies")
-        cpu = {
-            name: (sum(map(cpu_seconds, pids)) - before[name]) / args.flood * 1e6
-            for name, pids in processes.items()
-        }
-        rows.append(("bridge -> gateway -> echo", f"flood {args.flood:,}", flood))
-        paced = via.run("fn/echo", args.paced, args.rate, "bench/replies")
-        rows.append(("bridge -> gateway -> echo", f"paced {args.rate:g}/s {args.paced:,}", paced))
+        bridged = "bridge -> gateway -> echo"
+        m.row(bridged, flood, args.flood, lambda: via.run("fn/echo", args.flood, None, "bench/replies"))
+        m.row(bridged, paced, args.paced, lambda: via.run("fn/echo", args.paced, args.rate, "bench/replies"))
         if args.proof:
-            rows += proof(args, port, platform, via, tmp, box, client_id)
+            proof(args, port, m, via, tmp, client_id)
+        # what the bridge's gRPC transport costs, side by side (last: the HTTP bridge's session is
+        # left behind with the broker, and nothing runs after this row)
+        box[0].send_signal(signal.SIGTERM)
+        box[0].wait(30)
+        box[0] = start_bridge(
+            port, gateway, tmp / "bridge.log", "--transport", "grpc", client_id="bench-grpc"
+        )
+        via.run("fn/echo", min(500, args.flood), None, "bench/replies")
+        grpc_row = "bridge (transport: grpc) -> gateway -> echo"
+        m.row(grpc_row, flood, args.flood, lambda: via.run("fn/echo", args.flood, None, "bench/replies"))
         via.close()
     finally:
         box[0].send_signal(signal.SIGTERM)
@@ -182,16 +211,18 @@ def one_run(args: argparse.Namespace, number: int) -> dict:
         platform.close()
         broker.terminate()
         broker.wait(10)
-    return {"rows": rows, "cpu": cpu}
+    return m.rows
 
 
-def verdict(run: dict) -> tuple[bool, str]:
-    rows = run["rows"]
-    raw = next(r for path, load, r in rows if path.startswith("raw") and load.startswith("flood"))
-    flood = next(r for path, load, r in rows if path.startswith("bridge") and load.startswith("flood"))
-    paced = next(r for path, load, r in rows if path.startswith("bridge") and load.startswith("paced"))
+def verdict(rows: list) -> tuple[bool, str]:
+    def find(path: str, load: str) -> dict:
+        return next(r for p, lo, r, _ in rows if p == path and lo.startswith(load))
+
+    raw = find("raw broker round trip", "flood")
+    flood = find("bridge -> gateway -> echo", "flood")
+    paced = find("bridge -> gateway -> echo", "paced")
     ratio = flood["rate"] / raw["rate"]
-    lost = sum(r["missing"] + r["dups"] for path, _, r in rows if not path.startswith("raw"))
+    lost = sum(r["missing"] + r["dups"] for p, _, r, _ in rows if not p.startswith("raw"))
     checks = [
         (flood["rate"] >= 1500 and ratio >= 0.6, f"flood {flood['rate']:,.0f} msg/s = {ratio:.2f}x raw"),
         (paced["p99"] <= 5.0, f"paced p99 {paced['p99']:.2f} ms"),
@@ -201,19 +232,19 @@ def verdict(run: dict) -> tuple[bool, str]:
     return ok, "; ".join(f"{text} ({'met' if c else 'NOT met'})" for c, text in checks)
 
 
-def print_run(number: int, run: dict) -> None:
+def print_run(number: int, rows: list) -> None:
     print(f"\n### Run {number}\n")
-    print("| path | load | msg/s | p50 ms | p99 ms | missing | duplicates |")
-    print("|---|---|---|---|---|---|---|")
-    for path, load, r in run["rows"]:
+    cpu_heads = " | ".join(f"{name} µs" for name in PROCESSES)
+    print(f"| path | load | msg/s | p50 ms | p99 ms | missing | duplicates | {cpu_heads} | CPU µs/msg |")
+    print("|" + "---|" * (8 + len(PROCESSES)))
+    for path, load, r, cpu in rows:
         ms = f"{r['p50']:.2f} | {r['p99']:.2f}"
-        print(f"| {path} | {load} | {r['rate']:,.0f} | {ms} | {r['missing']} | {r['dups']} |")
-    cpu = run["cpu"]
-    print("\nCPU per message during the bridge flood (µs, from /proc):\n")
-    print("| " + " | ".join(cpu) + " | total |")
-    print("|" + "---|" * (len(cpu) + 1))
-    print("| " + " | ".join(f"{v:,.0f}" for v in cpu.values()) + f" | {sum(cpu.values()):,.0f} |")
-    ok, text = verdict(run)
+        if cpu is None:
+            spent = " | ".join("" for _ in PROCESSES) + " | (a process was replaced)"
+        else:
+            spent = " | ".join(f"{cpu[name]:,.0f}" for name in PROCESSES) + f" | {sum(cpu.values()):,.0f}"
+        print(f"| {path} | {load} | {r['rate']:,.0f} | {ms} | {r['missing']} | {r['dups']} | {spent} |")
+    ok, text = verdict(rows)
     print(f"\nTargets: {text}.")
 
 
@@ -232,9 +263,9 @@ def main() -> None:
     met = 0
     summary = []
     for number in range(1, args.runs + 1):
-        run = one_run(args, number)
-        print_run(number, run)
-        ok, text = verdict(run)
+        rows = one_run(args, number)
+        print_run(number, rows)
+        ok, text = verdict(rows)
         met += ok
         summary.append(f"| {number} | {text} | {'yes' if ok else 'no'} |")
     if args.runs > 1:
@@ -243,11 +274,11 @@ def main() -> None:
     print(f"\nAll targets met in {met} of {args.runs} run(s).")
 
 
-def proof(
-    args: argparse.Namespace, port: int, platform: Platform, load: Load, tmp: Path, box: list, client_id: str
-) -> list:
-    rows = []
+def proof(args: argparse.Namespace, port: int, m: Measured, load: Load, tmp: Path, client_id: str) -> None:
+    """The reliability rows: the gateway, then the bridge, SIGKILLed at t=3 s and restarted 1 s later."""
+    platform, box = m.platform, m.box
     gateway = (platform.grpc, f"http://{platform.http}")
+    count = f"{args.proof:,} at {args.rate:g}/s"
 
     def kill_gateway() -> None:
         old = platform.procs[0]
@@ -256,20 +287,21 @@ def proof(
         time.sleep(1)
         platform.procs[0] = subprocess.Popen(old.args, stdout=platform.log, stderr=subprocess.STDOUT)
 
-    threading.Timer(3, kill_gateway).start()
-    result = load.run("fn/echo", args.proof, args.rate, "bench/replies")
-    rows.append(("proof: gateway SIGKILL + restart at t=3 s", f"{args.proof:,} at {args.rate:g}/s", result))
-
     def kill_bridge() -> None:
         box[0].send_signal(signal.SIGKILL)
         box[0].wait()
         time.sleep(1)
         box[0] = start_bridge(port, gateway, tmp / "bridge.log", client_id=client_id)
 
-    threading.Timer(3, kill_bridge).start()
-    result = load.run("fn/echo", args.proof, args.rate, "bench/replies")
-    rows.append(("proof: bridge SIGKILL + restart at t=3 s", f"{args.proof:,} at {args.rate:g}/s", result))
-    return rows
+    for what, kill in (("gateway", kill_gateway), ("bridge", kill_bridge)):
+        threading.Timer(3, kill).start()
+        m.row(
+            f"proof: {what} SIGKILL + restart at t=3 s",
+            count,
+            args.proof,
+            lambda: load.run("fn/echo", args.proof, args.rate, "bench/replies"),
+            cpu=False,
+        )
 
 
 if __name__ == "__main__":
