@@ -129,3 +129,60 @@ class Device:
 
 def status(msg: mqtt.MQTTMessage) -> str:
     return dict(getattr(msg.properties, "UserProperty", []) or []).get("status", "")
+
+
+def start_broker_with(tmp: Path, extra: str, log: Path, persistence: bool = False) -> Broker:
+    """The project's broker config plus `extra` lines (later lines override earlier ones; more
+    listeners may follow), its log (stderr) written to `log`."""
+    port = free_port()
+    with open(log, "ab") as out:
+        process = mosquitto.start(
+            tmp / "mosquitto", port, persistence=persistence, log=out.fileno(), extra=extra
+        )
+    return Broker(process, port)
+
+
+def spawn_bridge(
+    broker_port: int,
+    gateway: tuple[str, str],
+    log: Path,
+    *extra: str,
+    client_id: str = "test-bridge",
+) -> subprocess.Popen[bytes]:
+    """Start the bridge like start_bridge but return at once (for a bridge that may never get in)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "openfx.bridge",
+                "-c",
+                str(ROOT / "broker/bridge.yaml"),
+                "--port",
+                str(broker_port),
+                "--gateway",
+                gateway[0],
+                "--gateway-http",
+                gateway[1],
+                "--client-id",
+                client_id,
+                "--metrics",
+                "",
+                *extra,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    """SIGTERM, bounded wait, then SIGKILL; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    return process.returncode
