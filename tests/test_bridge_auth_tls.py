@@ -3,9 +3,8 @@ real mosquitto that requires them: a password file (mosquitto_passwd), anonymous
 a TLS listener and a mutual-TLS listener, with a CA and certificates made for this run.
 
 With the right settings the bridge gets in and answers, on each listener; with a wrong password,
-an untrusted CA or no client certificate it does not get in and keeps running. That it also
-retries with backoff and names the cause in one log line is expected of it but not done yet
-(test_bridge_kept_out_retries_and_says_why_once, marked xfail strict: it fails, saying which)."""
+an untrusted CA or no client certificate it does not get in, keeps running, retries with backoff
+and names the cause in one log line, not one per attempt."""
 
 from __future__ import annotations
 
@@ -349,13 +348,6 @@ def test_bridge_kept_out_does_not_crash(
         assert stop_process(proc) == 0, log.read_text()[-3000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bridge does not yet retry every refusal with backoff and name its cause once: a "
-    "refused CONNACK is retried at once (about 1,500 attempts/s, two log lines each), a TLS "
-    "failure is retried silently, and a connection lost before connect() returns is never retried "
-    "(openfx/bridge/bridge.py _on_connect/_on_disconnect, mqtt_loop.py AsyncioMqtt.connect/reconnect_soon)",
-)
 @pytest.mark.parametrize("case", list(KEPT_OUT))
 def test_bridge_kept_out_retries_and_says_why_once(
     secure: SecureBroker, gateway: RunningGateway, tmp_path: Path, case: str

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from openfx.bridge.config import BridgeConfig
 from openfx.bridge.gateway_client import GrpcGateway, HttpGateway, connect
-from tests.conftest import RunningGateway, free_port
+from tests.conftest import ROOT, RunningGateway, free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -178,10 +178,15 @@ def test_both_transports_give_the_same_outcomes_from_the_real_gateway(
 
 
 def test_the_transport_follows_the_address_given() -> None:
-    assert BridgeConfig().transport == "http"
-    assert BridgeConfig(gateway="10.0.0.5:31113").transport == "grpc"  # never the default HTTP one
-    assert BridgeConfig(gateway="10.0.0.5:31113", gateway_http="http://10.0.0.5:31114").transport == "http"
-    assert BridgeConfig(gateway="10.0.0.5:31113", transport="http").transport == "http"
+    from openfx.bridge.config import load_bridge_config
+
+    assert load_bridge_config(None).transport == "http"
+    assert load_bridge_config(None, gateway="10.0.0.5:31113").transport == "grpc"  # never a default URL
+    both = load_bridge_config(None, gateway="10.0.0.5:31113", gateway_http="http://10.0.0.5:31114")
+    assert both.transport == "http"
+    assert load_bridge_config(None, gateway="10.0.0.5:31113", transport="http").transport == "http"
+    shipped = load_bridge_config(ROOT / "broker/bridge.yaml")  # the file names all three
+    assert (shipped.transport, shipped.gateway_http) == ("http", "http://127.0.0.1:31114")
     with pytest.raises(ValueError, match="not an http:// or https:// URL"):
         BridgeConfig(gateway_http="10.0.0.5:31114")
 

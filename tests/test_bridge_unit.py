@@ -324,13 +324,9 @@ async def test_connect_subscribes_every_route_and_a_refusal_does_not() -> None:
     b._on_connect(client, None, None, SimpleNamespace(is_failure=False), None)  # type: ignore[arg-type]
     [[(f1, o1), (f2, _)]] = subscribed
     assert (f1, f2, o1.QoS, o1.noLocal) == ("fn/+", "a/#", 1, True)
-    reconnects: list[bool] = []
-    b.mqtt.reconnect_soon = lambda: reconnects.append(True)  # type: ignore[method-assign]
+    assert b.mqtt.connected.is_set() and not b.mqtt._lost.is_set()
     b._on_disconnect(client, None, None, None, None)  # type: ignore[arg-type]
-    assert not b.mqtt.connected.is_set() and reconnects == [True]  # a lost connection is retried
-    b.stopping = True
-    b._on_disconnect(client, None, None, None, None)  # type: ignore[arg-type]
-    assert reconnects == [True]  # but not while stopping
+    assert not b.mqtt.connected.is_set() and b.mqtt._lost.is_set()  # the supervisor reconnects
 
 
 @run
@@ -418,7 +414,7 @@ async def test_start_asks_the_broker_for_a_persistent_session_and_receive_maximu
     calls: list[tuple[tuple, dict]] = []
     h.bridge.client = SimpleNamespace(connect_async=lambda *a, **k: calls.append((a, k)))  # type: ignore[assignment]
     started: list[bool] = []
-    h.bridge.mqtt.reconnect_soon = lambda: started.append(True)  # type: ignore[method-assign]
+    h.bridge.mqtt.start = lambda: started.append(True)  # type: ignore[method-assign]
     await h.bridge.start()
     [(args, kwargs)] = calls
     props = kwargs["properties"]
@@ -471,7 +467,7 @@ async def test_start_serves_metrics_on_the_configured_address() -> None:
     address = f"127.0.0.1:{free_port()}"
     h = Harness(Gateway(), [], metrics_address=address)
     h.bridge.client = SimpleNamespace(connect_async=lambda *a, **k: None)  # type: ignore[assignment]
-    h.bridge.mqtt.reconnect_soon = lambda: None  # type: ignore[method-assign]
+    h.bridge.mqtt.start = lambda: None  # type: ignore[method-assign]
     await h.bridge.start()
     h.bridge.metrics.received.inc(3)
     text = await asyncio.to_thread(lambda: requests.get(f"http://{address}/metrics", timeout=10).text)
@@ -488,3 +484,114 @@ def test_reply_properties_pack_to_the_bytes_paho_would_send(status: str, correla
     if correlation is not None:
         reference.CorrelationData = correlation
     assert ReplyProperties(status, correlation).pack() == reference.pack()
+
+
+class Dialer:
+    """paho's `reconnect` for the supervisor: each attempt fails with the next scripted error (or
+    succeeds on None), recording when it was made."""
+
+    def __init__(self, *outcomes: Exception | None) -> None:
+        self.outcomes = list(outcomes)
+        self.at: list[float] = []
+        self.host, self.port = "broker.test", 1883
+
+    def reconnect(self) -> None:
+        import time
+
+        self.at.append(time.monotonic())
+        outcome = self.outcomes.pop(0) if self.outcomes else ConnectionRefusedError("refused")
+        if outcome is not None:
+            raise outcome
+
+    def disconnect(self) -> None:
+        pass
+
+    def loop_misc(self) -> None:
+        pass
+
+
+def supervised(dialer: Dialer) -> tuple[Any, list[str]]:
+    from openfx.bridge import mqtt_loop
+
+    said: list[str] = []
+    m = mqtt_loop.AsyncioMqtt.__new__(mqtt_loop.AsyncioMqtt)
+    m.client, m.loop, m.stopping = dialer, asyncio.get_running_loop(), False  # type: ignore[assignment]
+    m.connected, m._lost, m._since, m._said, m._supervisor = (
+        asyncio.Event(),
+        asyncio.Event(),
+        None,
+        set(),
+        None,
+    )
+    m._misc = asyncio.get_running_loop().create_task(asyncio.sleep(0))
+    return m, said
+
+
+@run
+async def test_kept_out_the_bridge_backs_off_and_names_each_cause_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from openfx.bridge import mqtt_loop
+
+    monkeypatch.setattr(mqtt_loop, "BACKOFF", (0.01, 0.04))
+    dialer = Dialer(*[ConnectionRefusedError("refused")] * 3, OSError("unreachable"), None)
+    m, said = supervised(dialer)
+    with monkeypatch.context() as patched:
+        patched.setattr(mqtt_loop.log, "warning", lambda fmt, *a: said.append(fmt % a))
+        m.start()
+        while len(dialer.at) < 5:
+            await asyncio.sleep(0.005)
+        for _ in range(3):  # the broker lets us in, then refuses the login twice the same way
+            m.problem("the broker refused the connection: Not authorized")
+        m.accepted()
+        m.problem("the broker refused the connection: Not authorized")  # a new outage: said again
+        await m.close()
+    gaps = [b - a for a, b in zip(dialer.at, dialer.at[1:], strict=False)]
+    assert gaps[0] >= 0.01 and gaps[1] >= 0.02 and gaps[2] >= 0.04 and gaps[3] >= 0.04  # capped
+    assert said == [
+        "cannot reach the broker at broker.test:1883: refused; retrying",
+        "cannot reach the broker at broker.test:1883: unreachable; retrying",
+        "the broker refused the connection: Not authorized; retrying",
+        "the broker refused the connection: Not authorized; retrying",
+    ]
+
+
+@run
+async def test_a_refused_login_is_retried_with_backoff_not_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The TCP connect works, then the broker refuses (CONNACK) and closes: `lost()` without ever
+    `accepted()` must not reset the backoff."""
+    from openfx.bridge import mqtt_loop
+
+    monkeypatch.setattr(mqtt_loop, "BACKOFF", (0.02, 0.08))
+    dialer = Dialer(*[None] * 10)
+    m, _ = supervised(dialer)
+    m.start()
+    while len(dialer.at) < 4:
+        await asyncio.sleep(0.005)
+        if len(dialer.at) > len(getattr(m, "seen", [])):
+            m.seen = list(dialer.at)  # type: ignore[attr-defined]
+            assert m.lost() is False  # refused: it was never a connection
+    await m.close()
+    gaps = [b - a for a, b in zip(dialer.at, dialer.at[1:], strict=False)]
+    assert gaps[0] >= 0.02 and gaps[1] >= 0.04 and gaps[2] >= 0.08
+
+
+@run
+async def test_a_long_lived_connection_that_ends_reconnects_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from openfx.bridge import mqtt_loop
+
+    monkeypatch.setattr(mqtt_loop, "BACKOFF", (5.0, 5.0))  # any wait would show
+    monkeypatch.setattr(mqtt_loop, "STABLE", 0.0)
+    dialer = Dialer(None, None)
+    m, _ = supervised(dialer)
+    m.start()
+    while not dialer.at:
+        await asyncio.sleep(0.005)
+    m.accepted()
+    await asyncio.sleep(0.01)
+    assert m.lost() is True
+    await asyncio.wait_for(_until(lambda: len(dialer.at) == 2), 2)
+    await m.close()
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    while not done():
+        await asyncio.sleep(0.005)

@@ -147,6 +147,19 @@ def test_unknown_function_is_not_found_and_counted_under_its_name() -> None:
     assert count(metrics, "nope", 404) == 1 and fn.invocations == 0
 
 
+def test_while_the_gateway_starts_an_unknown_function_is_unavailable_not_missing() -> None:
+    """A restarted gateway listens before it has deployed its stack: a caller (the MQTT bridge
+    retrying through the restart) must get a status it retries, not a NOT_FOUND it dead-letters."""
+    invoker, fn, _, metrics = setup()
+    invoker.starting = True
+    err = failure(invoker.invoke("nope", b""))
+    assert (err.code, err.http) == (grpc.StatusCode.UNAVAILABLE, 503)
+    assert err.message == "the gateway is starting: nope is not deployed yet"
+    assert asyncio.run(invoker.invoke("f", b"x")).Output == b"out:x"  # what is deployed answers
+    invoker.starting = False
+    assert failure(invoker.invoke("nope", b"")).code == grpc.StatusCode.NOT_FOUND
+
+
 def test_a_replicas_error_keeps_its_status_and_is_counted() -> None:
     invoker, fn, replica, metrics = setup()
     replica.fail = InvokeError(grpc.StatusCode.INVALID_ARGUMENT, "bad")

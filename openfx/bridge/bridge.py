@@ -103,8 +103,8 @@ class BridgeMetrics:
         self.replied = Counter("bridge_replies_total", "Replies published and acknowledged", registry=r)
         self.retried = Counter("bridge_retries_total", "Invocations retried", registry=r)
         self.dead = Counter("bridge_dead_letters_total", "Requests sent to the dead-letter topic", registry=r)
+        # read when scraped (the bridge sets a function), never written per message
         self.inflight = Gauge("bridge_inflight", "Requests received and not yet acknowledged", registry=r)
-        # read when scraped (set_function), never written per message
         self.trigger = TriggerMetrics(r)  # trigger_invocations_total{trigger="mqtt",...}
 
 
@@ -163,18 +163,18 @@ class Bridge:
         props.SessionExpiryInterval = c.session_expiry
         props.ReceiveMaximum = c.max_inflight
         self.client.connect_async(c.host, c.port, keepalive=30, clean_start=False, properties=props)
-        self.mqtt.reconnect_soon()
+        self.mqtt.start()
 
     def _on_connect(
         self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
     ) -> None:
         if getattr(reason, "is_failure", False):
-            log.error("broker refused the connection: %s", reason)
+            self.mqtt.problem(f"the broker refused the connection: {reason}")  # it closes it next
             return
         self.generation += 1
         options = SubscribeOptions(qos=1, noLocal=True)
         client.subscribe([(route.filter, options) for route in self.config.routes])
-        self.mqtt.connected.set()
+        self.mqtt.accepted()
         log.info(
             "connected to %s:%d as %s (session present: %s); routes: %s; gateway: %s",
             self.config.host,
@@ -199,10 +199,8 @@ class Bridge:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
     ) -> None:
-        self.mqtt.connected.clear()
-        if not self.stopping:
+        if self.mqtt.lost() and not self.stopping:  # (a refused attempt said why already)
             log.warning("disconnected from the broker (%s); reconnecting", reason)
-            self.mqtt.reconnect_soon()
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         config = self.config

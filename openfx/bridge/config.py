@@ -13,7 +13,7 @@ from typing import Literal
 
 import yaml
 from paho.mqtt.client import topic_matches_sub
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from openfx import defaults
 from openfx.config import NAME_RE, ConfigError, yaml_error
@@ -72,9 +72,7 @@ class BridgeConfig(_Strict):
     tls: TLS | None = None
     gateway: str = defaults.GATEWAY_GRPC  # the gateway's gRPC address (transport: grpc)
     gateway_http: str = f"http://{defaults.GATEWAY_HTTP}"  # its HTTP trigger (transport: http)
-    # http: keep-alive calls, a third of gRPC's CPU. Unset: http, unless only `gateway` was given
-    # (then that gRPC address is the one the user meant, never the default HTTP one)
-    transport: Literal["http", "grpc"] = "http"
+    transport: Literal["http", "grpc"] = "http"  # http: keep-alive calls, a third of gRPC's CPU
     token: str | None = (
         None  # bearer token for the gateway; default OPENFX_TOKEN (keep it out of files in git)
     )
@@ -98,13 +96,6 @@ class BridgeConfig(_Strict):
         if scheme not in ("http", "https") or not rest or rest.startswith("/"):
             raise ValueError(f"not an http:// or https:// URL: {value!r}")
         return value
-
-    @model_validator(mode="after")
-    def _transport_for_the_address_given(self) -> BridgeConfig:
-        given = self.model_fields_set
-        if "transport" not in given and "gateway" in given and "gateway_http" not in given:
-            self.transport = "grpc"
-        return self
 
     def gateway_target(self) -> str:
         return self.gateway_http if self.transport == "http" else f"{self.gateway} (gRPC)"
@@ -140,7 +131,10 @@ def load_bridge_config(path: str | Path | None, **overrides: object) -> BridgeCo
             raise yaml_error(path, exc) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "gateway" in given and "gateway_http" not in given and "transport" not in given:
+        given["transport"] = "grpc"  # `--gateway ADDRESS` alone: that is where to call, never a default URL
+    data.update(given)
     try:
         return BridgeConfig.model_validate(data)
     except ValidationError as exc:

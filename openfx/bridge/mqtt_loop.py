@@ -5,8 +5,9 @@ two fight over the GIL: measured, a third of the bridge's CPU per message. paho 
 external-loop mode (`loop_read` / `loop_write` / `loop_misc` and the socket callbacks): here the
 loop watches the socket, so receiving, invoking and publishing all run on one thread, with every
 MQTT 5 feature the bridge relies on (manual acks, response topics, correlation data, user
-properties, persistent sessions) unchanged. In this mode paho does not reconnect by itself: the
-`connect` coroutine below does, with capped backoff, and `on_disconnect` restarts it.
+properties, persistent sessions) unchanged. In this mode paho does not reconnect by itself: one
+supervising task does, with capped backoff, and names each cause of being kept out (a refused
+login, an untrusted certificate, a broker that is down) once, not once per attempt.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 log = logging.getLogger("openfx.bridge")
 KEEPALIVE_TICK = 1.0  # loop_misc: PINGREQ when due, and drop a connection whose PINGRESP is late
+BACKOFF = (0.1, 2.0)  # first and longest wait between attempts
+STABLE = 10.0  # a connection that lasted this long resets the backoff (else two bridges with one
+# client id, each taking over the other's session, would reconnect in a tight loop)
 
 
 class BufferedClient(mqtt.Client):
@@ -83,7 +88,10 @@ class BufferedClient(mqtt.Client):
 
 
 class AsyncioMqtt:
-    """Attach a paho client to the running loop; `connect()` (re)connects until `stop()`."""
+    """Attach a paho client to the running loop and keep it connected from `start()` to `close()`.
+
+    The owner reports what paho tells it: `accepted()` on a CONNACK that lets us in, `lost()` on
+    every disconnect, `problem(text)` for a refusal."""
 
     def __init__(self, client: BufferedClient, loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
@@ -91,12 +99,65 @@ class AsyncioMqtt:
         self.thread = threading.get_ident()
         self.stopping = False
         self.connected = asyncio.Event()
-        self._connecting: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+        self._since: float | None = None  # when the broker last let us in (None: not in now)
+        self._said: set[str] = set()  # causes logged since we were last in
+        self._supervisor: asyncio.Task[None] | None = None
         self._misc = loop.create_task(self._tick())
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
+        # paho says why a socket failed (a TLS alert after the handshake, say) only in its log
+        client.enable_logger(_PahoErrors(self.problem))
+
+    # -- connection state, reported by the owner's paho callbacks --------------------------------
+
+    def start(self) -> None:
+        """Connect with `connect_async`'s stored settings, in the background, and stay connected."""
+        self._lost.set()
+        self._supervisor = self.loop.create_task(self._keep_connected())
+
+    def accepted(self) -> None:
+        self._since = time.monotonic()
+        self._said.clear()
+        self.connected.set()
+
+    def lost(self) -> bool:
+        """Mark the connection lost; True when it had been accepted (a real disconnect)."""
+        was = self.connected.is_set()
+        self.connected.clear()
+        self._lost.set()
+        return was
+
+    def problem(self, cause: str) -> None:
+        """Log why we are kept out, once per cause (attempts repeat every few seconds)."""
+        if cause not in self._said and not self.stopping:
+            if len(self._said) > 100:
+                self._said.clear()
+            self._said.add(cause)
+            log.warning("%s; retrying", cause)
+
+    async def _keep_connected(self) -> None:
+        delay, first = BACKOFF[0], True
+        while not self.stopping:
+            await self._lost.wait()
+            if self.stopping:
+                return
+            self._lost.clear()
+            if first or (self._since is not None and time.monotonic() - self._since > STABLE):
+                delay, first = BACKOFF[0], False  # the first attempt, or a long-lived connection ended
+            else:
+                await asyncio.sleep(delay)
+                delay = min(BACKOFF[1], delay * 2)
+            self._since = None  # until the broker accepts (CONNACK), this is not a connection yet
+            try:
+                await asyncio.to_thread(self.client.reconnect)  # DNS, TCP and TLS would block the loop
+            except (OSError, ssl.SSLError) as exc:  # refused, unreachable, certificate not trusted
+                self.problem(f"cannot reach the broker at {self.client.host}:{self.client.port}: {exc}")
+                self._lost.set()
+
+    # -- the socket, watched by the loop ------------------------------------------------------
 
     def _in_loop(self, fn: Any, *args: Any) -> None:
         """paho calls the socket callbacks from `reconnect`, which runs in a worker thread; the
@@ -136,28 +197,21 @@ class AsyncioMqtt:
             await asyncio.sleep(KEEPALIVE_TICK)
             self.client.loop_misc()
 
-    def reconnect_soon(self) -> None:
-        """After a lost connection: reconnect in the background (once at a time)."""
-        if not self.stopping and (self._connecting is None or self._connecting.done()):
-            self._connecting = self.loop.create_task(self.connect())
-
-    async def connect(self, first: bool = False, min_delay: float = 0.1, max_delay: float = 2.0) -> None:
-        """Connect (the first time, with `connect_async`'s stored settings) and retry until it works."""
-        delay = min_delay
-        while not self.stopping:
-            try:
-                await asyncio.to_thread(self.client.reconnect)  # DNS, TCP and TLS would block the loop
-                return
-            except (OSError, ssl.SSLError) as exc:  # refused, unreachable, TLS failed
-                if first:
-                    log.warning("cannot reach the broker (%s); retrying", exc)
-                    first = False
-            await asyncio.sleep(delay)
-            delay = min(max_delay, delay * 2)
-
     async def close(self) -> None:
         self.stopping = True
-        if self._connecting is not None:
-            self._connecting.cancel()
+        self._lost.set()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         self.client.disconnect()
         self._misc.cancel()
+
+
+class _PahoErrors(logging.Logger):
+    """paho's logger: errors go to `problem` (named once per cause); nothing else is formatted."""
+
+    def __init__(self, problem: Any) -> None:
+        super().__init__("openfx.bridge.paho", logging.ERROR)
+        self._problem = problem
+
+    def handle(self, record: logging.LogRecord) -> None:
+        self._problem(f"connection to the broker failed: {record.getMessage()}")

@@ -242,7 +242,7 @@ class Gateway:
         self.backend = self._make_backend()
         self.backend.on_gauge = self.metrics.set_replicas
         self.metrics.watch_in_flight(lambda: [(n, f.in_flight) for n, f in self.backend.functions.items()])
-        self.invoker = Invoker(self.backend, self.metrics, max_streams=settings.max_streams)
+        self.invoker = Invoker(self.backend, self.metrics, max_streams=settings.max_streams, starting=True)
         self.tokens = TokenStore.from_environment(
             settings.tokens_file,
             admin_token_file=settings.admin_token_file,
@@ -369,6 +369,7 @@ class Gateway:
         if self.stack is not None and self.backend.mode == "embedded":
             for name, spec in self.stack.functions.items():
                 await self.backend.deploy(FunctionDef.from_request(to_request(name, spec)))
+        self.invoker.starting = False
         for service in ("", "pb.FxGateway", "pb.Gateway"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 

@@ -48,14 +48,26 @@ def _check_size(fn: Function, payload: bytes) -> None:
 
 
 class Invoker:
-    def __init__(self, backend: Backend, metrics: GatewayMetrics, max_streams: int = 256) -> None:
+    def __init__(
+        self, backend: Backend, metrics: GatewayMetrics, max_streams: int = 256, starting: bool = False
+    ) -> None:
         self.backend = backend
         self.metrics = metrics
         self.max_streams = max_streams
         self.streams = 0
+        # until the gateway has deployed its stack (or read the cluster's functions), "not found"
+        # is not known yet: say UNAVAILABLE, which callers and triggers retry, not NOT_FOUND
+        self.starting = starting
 
     def _admit(self, name: str, payload: bytes) -> Function:
-        fn = self.backend.get(name)
+        try:
+            fn = self.backend.get(name)
+        except InvokeError as exc:
+            if self.starting and exc.code == grpc.StatusCode.NOT_FOUND:
+                raise InvokeError(
+                    grpc.StatusCode.UNAVAILABLE, f"the gateway is starting: {name} is not deployed yet"
+                ) from None
+            raise
         limit = fn.definition.max_inflight
         if fn.in_flight >= limit:
             raise InvokeError(
