@@ -32,6 +32,13 @@ def _say(text: str) -> None:
     log.info("platform: %s", text)
 
 
+def _reachable(address: str) -> str:
+    """Where the triggers reach a listener bound to `address` (a wildcard bind means loopback)."""
+    host, _, port = address.rpartition(":")
+    loopback = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host)
+    return f"{loopback}:{port}" if loopback else address
+
+
 def _token(settings: GatewaySettings) -> str | None:
     """The platform's own credential for its triggers: the local admin token, else OPENFX_TOKEN."""
     if settings.admin_token_file:
@@ -55,10 +62,10 @@ async def run(stack_path: Path, stack: StackFile, settings: GatewaySettings, sta
         stack,
         stack_path,
         state_dir,
-        settings.grpc_address,
+        _reachable(settings.grpc_address),
         _token(settings),
         gateway.metrics.registry,
-        gateway_http=f"{'https' if settings.tls else 'http'}://{settings.http_address}",
+        gateway_http=f"{'https' if settings.tls else 'http'}://{_reachable(settings.http_address)}",
     )
     triggers: list[Trigger] = [t for kind in KINDS.values() if (t := kind.from_stack(context)) is not None]
     started: list[Trigger] = []

@@ -58,6 +58,8 @@ class Client:
 
     def publish(self, topic, payload, qos, properties):  # type: ignore[no-untyped-def]
         assert qos == 1  # replies and dead letters are acknowledged publishes (at least once)
+        if "+" in topic or "#" in topic or len(topic.encode()) > 65535:  # as paho 2.2 refuses them
+            raise ValueError("Publish topic cannot contain wildcards." if "+" in topic else "too long")
         self.published.append((topic, payload, properties))
         return SimpleNamespace(rc=self.rc, mid=99 + len(self.published))
 
@@ -385,6 +387,52 @@ async def test_an_unexpected_error_in_the_call_is_answered_and_dead_lettered() -
 
 
 @run
+async def test_a_response_topic_no_publish_may_carry_gets_the_default_reply_topic() -> None:
+    h = Harness(Gateway(ok(b"out"), ok(b"out")), [])
+    await h.receive(message("fn/echo", ResponseTopic="replies/+/x", mid=1))
+    await h.receive(message("fn/echo", ResponseTopic="r/" + "x" * 70000, mid=2))
+    assert [t for t, _, _ in h.client.published] == ["fn/echo/reply", "fn/echo/reply"]
+    puback_all(h.bridge, h.client)
+    assert h.client.acked == [(1, 1), (2, 1)]
+
+
+@run
+async def test_an_answer_that_cannot_be_published_is_settled_not_left_pending() -> None:
+    """A request topic so long that `<topic>/reply` and `dlq/<topic>` pass MQTT's limit: nothing can
+    be published, and the request must still be acknowledged (else it holds a Receive Maximum slot
+    for ever, and comes back after every reconnect)."""
+    h = Harness(Gateway(), [])
+    topic = "fn/" + "x" * 65530  # fits, but not with "/reply" or "dlq/" added
+    await h.receive(message(topic, mid=5))  # NOT_FOUND: no such function; reply and dead letter fail
+    assert h.client.published == [] and h.client.acked == [(5, 1)]
+    assert sample(h.bridge, "bridge_inflight") == 0
+
+
+@run
+async def test_a_publish_paho_refuses_is_settled_and_its_mid_never_registered() -> None:
+    h = Harness(Gateway(ok(b"out")), [])
+    h.client.rc = mqtt.MQTT_ERR_QUEUE_SIZE
+    await h.receive(message("fn/echo", mid=6))
+    assert h.client.acked == [(6, 1)] and h.bridge._publishes == {}
+
+
+@run
+async def test_a_refused_puback_still_settles_the_request() -> None:
+    h = Harness(Gateway(ok(b"out")), [])
+    await h.receive(message("fn/echo", mid=4))
+    h.bridge._on_publish(h.client, None, 100, SimpleNamespace(is_failure=True), None)  # type: ignore[arg-type]
+    assert h.client.acked == [(4, 1)]
+
+
+@run
+async def test_a_stopping_bridge_takes_no_new_request() -> None:
+    h = Harness(Gateway(ok(b"out")), [])
+    h.bridge.stopping = True
+    await h.receive(message("fn/echo", mid=9))
+    assert h.gateway.calls == [] and h.client.acked == [] and h.client.published == []
+
+
+@run
 async def test_a_long_error_is_cut_to_512_characters_in_the_dead_letter() -> None:
     h = Harness(Gateway(refused(grpc.StatusCode.INVALID_ARGUMENT, "é" * 600)), [])
     await h.receive(message("fn/x"))
@@ -487,21 +535,26 @@ def test_reply_properties_pack_to_the_bytes_paho_would_send(status: str, correla
 
 
 class Dialer:
-    """paho's `reconnect` for the supervisor: each attempt fails with the next scripted error (or
-    succeeds on None), recording when it was made."""
+    """The paho client for the supervisor: each attempt to open a socket fails with the next
+    scripted error (or succeeds on None), recording when it was made."""
 
     def __init__(self, *outcomes: Exception | None) -> None:
         self.outcomes = list(outcomes)
         self.at: list[float] = []
+        self.sockets: list[object] = []
         self.host, self.port = "broker.test", 1883
 
-    def reconnect(self) -> None:
+    def open_socket(self) -> object:
         import time
 
         self.at.append(time.monotonic())
         outcome = self.outcomes.pop(0) if self.outcomes else ConnectionRefusedError("refused")
         if outcome is not None:
             raise outcome
+        return SimpleNamespace(close=lambda: None)
+
+    def reconnect_on(self, sock: object) -> None:
+        self.sockets.append(sock)
 
     def disconnect(self) -> None:
         pass

@@ -77,6 +77,9 @@ def test_a_trigger_relays_its_name_topic_and_deadline_over_http(gateway: Running
     )
     assert (r.status_code, r.headers["X-Openfx-Status"]) == (504, "DEADLINE_EXCEEDED")
     assert "timed out after 0.2s" in r.text
+    raw = requests.post(url, headers={"X-Openfx-Topic": "fn/\xff".encode("latin-1")}, timeout=10)
+    assert (raw.status_code, raw.headers["X-Openfx-Status"]) == (400, "INVALID_ARGUMENT")
+    assert raw.text == "x-openfx-topic must be percent-encoded UTF-8\n"
     for bad in ("soon", "0", "-1", "nan", "1e9"):
         r = requests.post(url, headers={"X-Openfx-Timeout": bad}, timeout=10)
         assert (r.status_code, r.headers["X-Openfx-Status"]) == (400, "INVALID_ARGUMENT"), bad

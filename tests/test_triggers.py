@@ -183,3 +183,12 @@ def test_bad_cron_is_a_config_error_naming_the_key(tmp_path: Path, cron: str) ->
         env={k: v for k, v in os.environ.items() if not k.startswith("OPENFX_")},
     )
     assert out.returncode == 2 and "schedule" in out.stderr and "not a cron expression" in out.stderr
+
+
+def test_triggers_reach_a_gateway_bound_to_every_address_on_loopback() -> None:
+    from openfx.launcher import _reachable
+
+    assert _reachable("0.0.0.0:31113") == "127.0.0.1:31113"
+    assert _reachable("[::]:31114") == "[::1]:31114"
+    assert _reachable("127.0.0.1:31114") == "127.0.0.1:31114"
+    assert _reachable("gw.internal:31113") == "gw.internal:31113"

@@ -89,6 +89,13 @@ class ReplyProperties:
         return f"[UserProperty: [('status', {self.status!r})], CorrelationData: {self.correlation!r}]"
 
 
+def publishable(topic: str | None) -> bool:
+    """A topic name a PUBLISH may carry: no wildcards, no NUL, at most 65,535 bytes (MQTT 5, 4.7)."""
+    if not topic:
+        return False
+    return "+" not in topic and "#" not in topic and "\x00" not in topic and len(topic.encode()) <= 65535
+
+
 def _utf8(data: bytes) -> bytes:
     """A length-prefixed string or binary field (two bytes of length, then the bytes)."""
     return struct.pack("!H", len(data)) + data
@@ -203,6 +210,8 @@ class Bridge:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if self.stopping:
+            return  # not taken, not acknowledged: the broker keeps it for the next bridge
         config = self.config
         if config.is_own_output(msg.topic):
             self._ack(msg.mid, msg.qos, self.generation)
@@ -259,10 +268,12 @@ class Bridge:
         await asyncio.sleep(delay)
 
     def _finish(self, job: Job, code: grpc.StatusCode, output: bytes) -> None:
-        """Answer the device (and dead-letter a refusal), then ack once every publish is acknowledged."""
+        """Answer the device (and dead-letter a refusal), then ack once every publish is settled:
+        acknowledged by the broker, or impossible (a topic MQTT does not allow), never pending."""
         status = code.name
         reply_props = ReplyProperties(status, job.correlation)
-        reply_topic = job.response_topic or self.config.reply_topic(job.topic, job.function or "")
+        default_reply = self.config.reply_topic(job.topic, job.function or "")
+        reply_topic = job.response_topic if publishable(job.response_topic) else default_reply
         publishes: list[tuple[str, bytes, object]] = [(reply_topic, output, reply_props)]
         if code != grpc.StatusCode.OK:
             dead_props = Properties(PacketTypes.PUBLISH)
@@ -277,10 +288,25 @@ class Bridge:
             self.metrics.dead.inc()
         job.publishes_left = len(publishes)
         for topic, payload, props in publishes:
-            info = self.client.publish(topic, payload, qos=1, properties=props)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                log.error("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
-            self._publishes[info.mid] = job  # PUBACKs are read on this loop, never before this line
+            mid = self._publish(topic, payload, props)
+            if mid is None:
+                job.publishes_left -= 1  # nothing will ever acknowledge it
+            else:
+                self._publishes[mid] = job  # PUBACKs are read on this loop, never before this line
+        if job.publishes_left == 0:
+            self._done(job)
+
+    def _publish(self, topic: str, payload: bytes, props: object) -> int | None:
+        """The publish's mid, or None when it cannot be sent at all (said in the log)."""
+        try:
+            info = self.client.publish(topic, payload, qos=1, properties=props)  # type: ignore[arg-type]
+        except ValueError as exc:  # wildcards in a device's response topic, over 65,535 bytes
+            log.warning("cannot publish to %r: %s", topic[:200], exc)
+            return None
+        if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: sent on reconnect
+            return info.mid
+        log.error("cannot publish to %r: %s", topic[:200], mqtt.error_string(info.rc))
+        return None
 
     def _on_publish(
         self, client: mqtt.Client, userdata: object, mid: int, reason: object, props: object
@@ -288,6 +314,8 @@ class Bridge:
         job = self._publishes.pop(mid, None)
         if job is None:  # a mid from before a reconnect, already settled
             return
+        if getattr(reason, "is_failure", False):  # e.g. not authorised to publish to that topic
+            log.warning("the broker refused the answer to %r: %s", job.topic[:200], reason)
         job.publishes_left -= 1
         if job.publishes_left == 0:
             self._done(job)

@@ -96,9 +96,8 @@ class HttpGateway:
         try:
             return await self._post(function, payload, topic)
         except asyncio.CancelledError:
-            if task not in self._overdue:
-                raise  # the bridge is stopping
-            task.uncancel()
+            if task not in self._overdue or task.uncancel():
+                raise  # the bridge is stopping (it may have cancelled an overdue call too)
             return grpc.StatusCode.DEADLINE_EXCEEDED, b"DEADLINE_EXCEEDED: no answer from the gateway in time"
         finally:
             del self._calls[task]

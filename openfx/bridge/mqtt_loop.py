@@ -38,6 +38,7 @@ class BufferedClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self._inbox = bytearray()
         self._outbox = bytearray()
+        self._premade: Any = None
 
     def _sock_send(self, buf: bytes | bytearray) -> int:
         if self._sock is None:
@@ -82,9 +83,31 @@ class BufferedClient(mqtt.Client):
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
     def _sock_close(self) -> None:
+        outbox, sock = self._outbox, self._sock
+        if outbox and sock is not None:  # paho closes right after queueing DISCONNECT: send it
+            try:
+                super()._sock_send(outbox)  # best effort, never blocks: the socket is non-blocking
+            except (OSError, ValueError):
+                pass
         self._inbox.clear()  # a new connection never continues the old one's bytes
-        self._outbox.clear()  # (paho resends unacknowledged QoS 1 publishes itself)
+        outbox.clear()  # (paho resends unacknowledged QoS 1 publishes itself)
         super()._sock_close()
+
+    def open_socket(self) -> Any:
+        """The blocking part of connecting (DNS, TCP, TLS handshake), for a worker thread."""
+        return super()._create_socket()
+
+    def reconnect_on(self, sock: Any) -> None:
+        """paho's reconnect (state reset, CONNECT queued) on a socket `open_socket` made: all of it
+        on the loop's thread, so nothing else touches paho's state at the same time."""
+        self._premade = sock
+        try:
+            self.reconnect()
+        finally:
+            self._premade = None
+
+    def _create_socket(self) -> Any:
+        return self._premade if self._premade is not None else super()._create_socket()
 
 
 class AsyncioMqtt:
@@ -152,16 +175,20 @@ class AsyncioMqtt:
                 delay = min(BACKOFF[1], delay * 2)
             self._since = None  # until the broker accepts (CONNACK), this is not a connection yet
             try:
-                await asyncio.to_thread(self.client.reconnect)  # DNS, TCP and TLS would block the loop
-            except (OSError, ssl.SSLError) as exc:  # refused, unreachable, certificate not trusted
+                sock = await asyncio.to_thread(self.client.open_socket)  # would block the loop
+                if self.stopping:
+                    sock.close()
+                    return
+                self.client.reconnect_on(sock)
+            except Exception as exc:  # refused, unreachable, certificate not trusted, a bad host name
                 self.problem(f"cannot reach the broker at {self.client.host}:{self.client.port}: {exc}")
                 self._lost.set()
 
     # -- the socket, watched by the loop ------------------------------------------------------
 
     def _in_loop(self, fn: Any, *args: Any) -> None:
-        """paho calls the socket callbacks from `reconnect`, which runs in a worker thread; the
-        loop gets file descriptors taken at the call (the socket may be closed when it runs)."""
+        """Socket callbacks from any other thread go through the loop (paho's own calls all come
+        from the loop's thread: `reconnect_on` runs there); file descriptors are taken at the call."""
         if threading.get_ident() == self.thread:
             fn(*args)
         else:

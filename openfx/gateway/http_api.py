@@ -60,7 +60,10 @@ def relayed(request: web.Request) -> tuple[str, str, float | None]:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"bad {TIMEOUT_KEY} header {value[:40]!r}: seconds, more than 0 and less than a day",
             )
-    return trigger, decode_topic(headers.get(TOPIC_KEY, "")), deadline
+    topic = headers.get(TOPIC_KEY, "")
+    if not topic.isascii():
+        raise InvokeError(grpc.StatusCode.INVALID_ARGUMENT, f"{TOPIC_KEY} must be percent-encoded UTF-8")
+    return trigger, decode_topic(topic), deadline
 
 
 def _json_error(exc: InvokeError) -> web.Response:
