@@ -527,6 +527,7 @@ async def test_start_serves_metrics_on_the_configured_address() -> None:
 def test_reply_properties_pack_to_the_bytes_paho_would_send(status: str, correlation: bytes | None) -> None:
     from openfx.bridge.bridge import ReplyProperties
 
+    ReplyProperties._STATUS.clear()  # packed afresh, not from a cache an earlier test filled
     reference = Properties(PacketTypes.PUBLISH)
     reference.UserProperty = [("status", status)]
     if correlation is not None:
@@ -648,3 +649,23 @@ async def test_a_long_lived_connection_that_ends_reconnects_at_once(monkeypatch)
 async def _until(done: Callable[[], bool]) -> None:
     while not done():
         await asyncio.sleep(0.005)
+
+
+def test_publishable_topics_follow_mqtt_5() -> None:
+    from openfx.bridge.bridge import publishable
+
+    assert publishable("replies/device-1") and publishable("r/" + "é" * 32766)  # 65,534 bytes
+    assert publishable("x" * 65535) and not publishable("x" * 65536)
+    for bad in (None, "", "replies/+", "replies/#", "a/+/b", "nul\x00"):
+        assert not publishable(bad), repr(bad)
+
+
+@run
+async def test_a_dead_letter_names_the_function_and_keeps_an_undecodable_error_readable() -> None:
+    h = Harness(Gateway((grpc.StatusCode.INTERNAL, b"INTERNAL: \xff\xfe broke")), [])
+    await h.receive(message("fn/x"))
+    await h.receive(message("nowhere/at/all", mid=8))  # no route: no function to name
+    dead = [wire(props) for topic, _, props in h.client.published if topic.startswith("dlq/")]
+    assert dict(dead[0].UserProperty)["function"] == "x"
+    assert dict(dead[0].UserProperty)["error"] == "INTERNAL: \ufffd\ufffd broke"
+    assert dict(dead[1].UserProperty)["function"] == ""
