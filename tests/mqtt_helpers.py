@@ -57,31 +57,7 @@ def start_bridge(
     """Start the bridge (to `gateway`: its gRPC address and HTTP URL) and wait until it has
     subscribed (its log says "ready")."""
     before = log.read_text().count("; ready") if log.exists() else 0
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "openfx.bridge",
-                "-c",
-                str(ROOT / "broker/bridge.yaml"),
-                "--port",
-                str(broker_port),
-                "--gateway",
-                gateway[0],
-                "--gateway-http",
-                gateway[1],
-                "--client-id",
-                client_id,
-                "--metrics",
-                "",
-                *extra,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-        )
+    process = spawn_bridge(broker_port, gateway, log, *extra, client_id=client_id, env=env)
     deadline = time.monotonic() + 20
     while log.read_text().count("; ready") <= before:
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -148,8 +124,10 @@ def spawn_bridge(
     log: Path,
     *extra: str,
     client_id: str = "test-bridge",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start the bridge like start_bridge but return at once (for a bridge that may never get in)."""
+    """Start the bridge and return at once (start_bridge waits until it is in; a bridge kept out
+    by the broker never is)."""
     with open(log, "ab") as out:
         return subprocess.Popen(
             [
@@ -173,6 +151,7 @@ def spawn_bridge(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env={**os.environ, **(env or {})},
         )
 
 
