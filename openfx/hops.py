@@ -27,13 +27,23 @@ inbound: ContextVar[int] = ContextVar("openfx_inbound_hops", default=0)
 
 @dataclass(frozen=True)
 class CallContext:
-    """What a handler's outgoing calls inherit from the call it is serving."""
+    """What a handler's outgoing calls inherit from the call it is serving. Built for every call, so
+    it only keeps the raw `Info.Timeout` and when the call began; the deadline is worked out when a
+    handler actually calls out (most never do)."""
 
     hops: int = 0
-    deadline: float | None = None  # time.monotonic() by which the call must be answered
+    timeout: str = ""  # Info.Timeout as received ("30s"); empty: no deadline
+    began: float = 0.0  # time.monotonic() when the call reached the handler
+
+    @property
+    def deadline(self) -> float | None:
+        """time.monotonic() by which the call must be answered, or None."""
+        budget = parse_timeout(self.timeout) if self.timeout else None
+        return None if budget is None else self.began + budget
 
     def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
+        deadline = self.deadline
+        return None if deadline is None else deadline - time.monotonic()
 
 
 # watcher side: the call this handler is serving (outside any call: no hops, no deadline)

@@ -9,12 +9,11 @@ carries its own code, anything else is INTERNAL. The process keeps serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
 import traceback
-from collections.abc import Iterator
+from contextvars import Token
 
 import grpc
 
@@ -69,40 +68,43 @@ class FunctionRuntime:
         )
 
     def invoke(self, request: wpb.Request) -> wpb.Reply:
-        with _statuses(), _serving(request):
+        token = _serving(request)
+        try:
             result = self.handler(request)
             if inspect.iscoroutine(result):  # an async handler called outside a loop (tests, benches)
                 result = asyncio.run(result)
             return to_reply(result)
+        except Exception as exc:
+            raise _status(exc) from exc
+        finally:
+            hops.current.reset(token)
 
     async def invoke_async(self, request: wpb.Request) -> wpb.Reply:
-        with _statuses(), _serving(request):
+        token = _serving(request)
+        try:
             return to_reply(await self.handler(request))
+        except Exception as exc:
+            raise _status(exc) from exc
+        finally:
+            hops.current.reset(token)
 
 
-@contextlib.contextmanager
-def _serving(request: wpb.Request) -> Iterator[None]:
-    """Let the handler's own calls (`fn.call`, `mesh`) inherit this call's hop count and deadline."""
-    budget = hops.parse_timeout(request.info.Timeout)
-    deadline = None if budget is None else time.monotonic() + budget
-    token = hops.current.set(hops.CallContext(request.info.Hops, deadline))
-    try:
-        yield
-    finally:
-        hops.current.reset(token)
+def _serving(request: wpb.Request) -> Token[hops.CallContext]:
+    """Let the handler's own calls (`fn.call`, `mesh`) inherit this call's hop count and deadline
+    (plain code, not a context manager: it runs on every call, echo's included)."""
+    info = request.info
+    return hops.current.set(hops.CallContext(info.Hops, info.Timeout, time.monotonic()))
 
 
-@contextlib.contextmanager
-def _statuses() -> Iterator[None]:
-    try:
-        yield
-    except InvokeError:
-        raise
-    except ValueError as exc:
-        raise InvokeError(grpc.StatusCode.INVALID_ARGUMENT, _one_line(exc)) from exc
-    except Exception as exc:
-        log.error("handler raised %s", "".join(traceback.format_exception(exc)).rstrip())
-        raise InvokeError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {_one_line(exc)}") from exc
+def _status(exc: Exception) -> InvokeError:
+    """The status a handler's exception answers with: its own InvokeError, INVALID_ARGUMENT for a
+    ValueError, INTERNAL (traceback logged) for anything else."""
+    if isinstance(exc, InvokeError):
+        return exc
+    if isinstance(exc, ValueError):
+        return InvokeError(grpc.StatusCode.INVALID_ARGUMENT, _one_line(exc))
+    log.error("handler raised %s", "".join(traceback.format_exception(exc)).rstrip())
+    return InvokeError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {_one_line(exc)}")
 
 
 def _one_line(exc: BaseException) -> str:
