@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import requests
 import yaml
 
 from openfx.pb import fxgateway_pb2 as gpb
-from tests.conftest import FIXTURES, READY_FUNCTIONS, ROOT, USER_CONFIG, RunningGateway, free_port
+from tests.conftest import (
+    FIXTURES,
+    READY_FUNCTIONS,
+    ROOT,
+    USER_CONFIG,
+    RunningGateway,
+    eventually,
+    free_port,
+)
 from tests.mqtt_helpers import Device
 from tests.shared_tmp import shared_tmp
 
@@ -203,13 +214,18 @@ def test_up_detached_and_down(tmp_path: Path) -> None:
         f"mqtt: {{port: {mqtt_port}, persistence: false, bridge: {bridge}}}\n"
     )
     grpc_address, http_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    console = f"127.0.0.1:{free_port()}"
     user_config = tmp_path / "home" / "config.yaml"  # a new user: no config, no token yet
     env = {"OPENFX_HOME": str(tmp_path / "state"), "OPENFX_CONFIG": str(user_config)}
-    where = ("--grpc", grpc_address, "--http", http_address)
+    where = ("--grpc", grpc_address, "--http", http_address, "--console", console)
     out = cli("up", "-d", "-f", str(stack), *where, "--no-scale-to-zero", env=env)
     try:
         assert out.returncode == 0, out.stderr
         assert b"OpenFx is up" in out.stdout
+        # where the console is and how to get the token it asks for
+        hint = f"console: http://{console}/ (sign in with the token 'openfx-cli token' prints)\n"
+        assert out.stdout.decode().endswith(hint), out.stdout
+        assert requests.get(f"http://{console}/", timeout=10).status_code == 200
         token_file = user_config.with_name("token")
         assert token_file.stat().st_mode & 0o777 == 0o600
         assert yaml.safe_load(user_config.read_text()) == {"openfx": {"token_file": str(token_file)}}
@@ -239,3 +255,66 @@ def test_up_detached_and_down(tmp_path: Path) -> None:
     assert cli("down", "-f", str(stack), env=env).returncode == 1
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", mqtt_port)) != 0  # the broker stopped too
+
+
+needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
+
+
+Up = tuple[subprocess.CompletedProcess[bytes], dict[str, str], str]
+
+
+def _monitored_up(tmp_path: Path, prometheus: str) -> Up:
+    """`up -d --monitoring` of echo alone, every address free (a system Prometheus may hold 9090):
+    up's answer, the environment that finds its state, its HTTP address."""
+    stack = tmp_path / "openfx.yaml"
+    stack.write_text(f"include: [{ROOT}/functions/echo/config.yaml]\n")
+    env = {"OPENFX_HOME": str(tmp_path / "state"), "OPENFX_CONFIG": str(tmp_path / "home" / "config.yaml")}
+    grpc_address, http, console = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    where = ("--grpc", grpc_address, "--http", http, "--console", console, "--no-mqtt")
+    out = cli("up", "-d", "-f", str(stack), *where, "--monitoring", "--prometheus", prometheus, env=env)
+    return out, env, http
+
+
+@needs_prometheus
+def test_up_monitoring_scrapes_the_gateway_and_down_stops_it(tmp_path: Path) -> None:
+    prometheus = f"127.0.0.1:{free_port()}"
+    out, env, http = _monitored_up(tmp_path, prometheus)
+    try:
+        assert out.returncode == 0, out.stderr
+        assert f"prometheus: http://{prometheus}/ (stopped by 'openfx-cli down')" in out.stdout.decode()
+
+        def gateway_target_up() -> bool:
+            targets = requests.get(f"http://{prometheus}/api/v1/targets", timeout=10).json()["data"]
+            seen = [(t["labels"]["job"], t["scrapeUrl"], t["health"]) for t in targets["activeTargets"]]
+            return seen == [("fxgateway", f"http://{http}/metrics", "up")]
+
+        eventually(gateway_target_up, "prometheus scraped the gateway", timeout=60)
+    finally:
+        down = cli("down", "-f", str(tmp_path / "openfx.yaml"), env=env)
+    assert down.returncode == 0, down.stderr
+    assert not (tmp_path / "state" / "prometheus.pid").exists()
+    host, port = prometheus.rsplit(":", 1)
+
+    def stopped() -> bool:  # down sent SIGTERM: nothing listens there once Prometheus has exited
+        with socket.socket() as s:
+            return s.connect_ex((host, int(port))) != 0
+
+    eventually(stopped, "prometheus stopped", timeout=30)
+
+
+@needs_prometheus
+def test_up_monitoring_on_a_taken_port_fails_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        prometheus = f"127.0.0.1:{taken.getsockname()[1]}"
+        out, env, http = _monitored_up(tmp_path, prometheus)
+    assert out.returncode == 1 and out.stdout == b""
+    lines = [line for line in out.stderr.decode().splitlines() if not line.startswith("management token:")]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"Error: prometheus on {prometheus} exited with code "), lines
+    assert "address already in use" in lines[0] and lines[0].endswith("pick another with --prometheus")
+    state = Path(env["OPENFX_HOME"])
+    assert not (state / "prometheus.pid").exists() and not (state / "gateway.pid").exists()
+    with socket.socket() as s:  # the platform was never started
+        assert s.connect_ex(("127.0.0.1", int(http.rsplit(":", 1)[1]))) != 0

@@ -152,7 +152,7 @@ def up(
     prometheus = None
     if monitoring:
         bridge = None if no_mqtt else _bridge_metrics(stack, stack_file)
-        prometheus = _start_prometheus(folder, prometheus_address, http_address, bridge)
+        prometheus = _start_prometheus(folder, prometheus_address, http_address, bridge, timeout)
     if not detach:
         _console_hint(console_address)
         if prometheus is None:  # the platform owns the terminal; Ctrl-C drains and stops all of it
@@ -217,9 +217,10 @@ def _bridge_metrics(stack: StackFile, stack_file: str) -> str | None:
 
 
 def _start_prometheus(
-    folder: Path, address: str, gateway_http: str, bridge_metrics: str | None
+    folder: Path, address: str, gateway_http: str, bridge_metrics: str | None, timeout: float
 ) -> subprocess.Popen[bytes]:
-    """Debian's Prometheus with a config for this platform, its data and log in the state folder."""
+    """Debian's Prometheus with a config for this platform, its data and log in the state folder,
+    returned once it answers as ready (so `up` never prints the address of one that died)."""
     from openfx.k8s.observability import embedded_prometheus_config
 
     binary = shutil.which("prometheus")
@@ -245,7 +246,59 @@ def _start_prometheus(
             start_new_session=True,
         )
     (folder / "prometheus.pid").write_text(str(proc.pid))
+    try:
+        _wait_for_prometheus(proc, address, config, folder / "prometheus.log", timeout)
+    except click.ClickException:
+        proc.terminate()
+        proc.wait(30)
+        (folder / "prometheus.pid").unlink(missing_ok=True)
+        raise
     return proc
+
+
+def _wait_for_prometheus(
+    proc: subprocess.Popen[bytes], address: str, config: Path, log_path: Path, timeout: float
+) -> None:
+    """Poll /-/ready while our process lives, then ask it for its --config.file: Debian's package
+    may run a system Prometheus on 9090, whose ready answer must not pass for ours (ours exits
+    when the port is taken, but may not have yet)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    def fail(why: str) -> click.ClickException:
+        return click.ClickException(f"prometheus on {address} {why}; pick another with --prometheus")
+
+    def get(path: str) -> bytes | None:
+        try:
+            with urllib.request.urlopen(f"http://{address}{path}", timeout=2) as answer:
+                return answer.read()
+        except (urllib.error.URLError, OSError):
+            return None
+
+    deadline = time.monotonic() + timeout
+    progress = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    err = Console(stderr=True)  # stdout carries results only; no spinner residue off a terminal
+    with Progress(*progress, transient=True, console=err, disable=not err.is_terminal) as bar:
+        bar.add_task(f"starting prometheus on {address}", total=None)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                last = (_tail(log_path, 1) or [""])[-1]
+                cause = last.split(" err=", 1)[-1].strip('"') if " err=" in last else last
+                raise fail(f"exited with code {proc.returncode}: {cause}")
+            if get("/-/ready") is not None:
+                try:
+                    flags = json.loads(get("/api/v1/status/flags") or b"{}").get("data", {})
+                except ValueError:  # not Prometheus at all
+                    flags = {}
+                if flags.get("config.file") != str(config) or proc.poll() is not None:
+                    raise fail("is another Prometheus (a system service?), not the one `up` started")
+                return
+            time.sleep(0.2)
+    raise fail(f"not ready after {timeout:g}s (see {log_path})")
 
 
 def _wait_until_ready(proc: subprocess.Popen[bytes], timeout: float, ready_file: Path, log_path: Path) -> str:
