@@ -194,6 +194,30 @@ def test_children_die_with_the_replica_on_scale_down_even_after_setsid(iso: Runn
     iso.wait_ready(names={"spawner"})
 
 
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        ("sigkill", None),  # killed from outside
+        ("crash", grpc.StatusCode.UNAVAILABLE),  # the watcher exits under a call
+        ("hog", grpc.StatusCode.RESOURCE_EXHAUSTED),  # OOM-killed in its cgroup: recycled
+    ],
+)
+def test_children_die_when_the_replica_ends_and_is_restarted(
+    iso: RunningGateway, fault: str, code: grpc.StatusCode | None
+) -> None:
+    grouped, escaped = map(int, call(iso, "spawner", b"go").split())
+    pid = int(call(iso, "spawner", "pid"))
+    assert alive(grouped) and alive(escaped) and os.getpgid(escaped) != pid
+    if code is None:
+        os.kill(pid, signal.SIGKILL)
+    else:
+        assert call_error(iso, "spawner", fault).code() == code
+    new_pid = eventually(lambda: int(call(iso, "spawner", "pid", timeout=5)), f"spawner back after {fault}")
+    assert new_pid != pid
+    eventually(lambda: not alive(grouped) and not alive(escaped), f"children gone after {fault}")
+    echo_works(iso)
+
+
 def test_children_die_with_the_replica_on_delete_and_gateway_exit(tmp_path: Path) -> None:
     gw = start_gateway(FIXTURES / "isolation.yaml", tmp_path / "gateway.log")
     try:
@@ -211,17 +235,21 @@ def test_children_die_with_the_replica_on_delete_and_gateway_exit(tmp_path: Path
 
 def test_gateway_killed_the_watcher_takes_its_process_group_down(tmp_path: Path) -> None:
     """SIGKILL leaves the gateway no chance to clean up: PDEATHSIG gives each watcher SIGTERM and the
-    watcher ends its own process group on the way out. (A child that called setsid left the group;
-    only the gateway could kill it through the cgroup: the next gateway in the same cgroup does.)"""
+    watcher ends its own process group on the way out, and every process of its own cgroup: a child
+    that called setsid (it left the group) dies too, with no gateway left to kill it."""
     gw = start_gateway(FIXTURES / "isolation.yaml", tmp_path / "gateway.log")
     escaped = 0
     try:
         gw.wait_ready()
         grouped, escaped = map(int, call(gw, "spawner", b"go").split())
         watcher = int(call(gw, "spawner", "pid"))
+        assert alive(escaped) and os.getpgid(escaped) != watcher
         gw.process.send_signal(signal.SIGKILL)
         gw.process.wait()
-        eventually(lambda: not alive(grouped) and not alive(watcher), "group gone after SIGKILL")
+        eventually(
+            lambda: not alive(grouped) and not alive(escaped) and not alive(watcher),
+            "group and setsid child gone after SIGKILL",
+        )
     finally:
         gw.stop()
         if escaped:

@@ -143,7 +143,12 @@ class LocalReplica:
             "WATCHER_LOG_PREFIX": "0",
             parent.ENV: "1",
             procgroup.ENV: "1",
+            procgroup.CGROUP_ENV: "\n".join(self._cgroup_procs()),  # "" without one: never a stranger's
         }
+
+    def _cgroup_procs(self) -> list[str]:
+        """This run's cgroup.procs files: the trampoline joins them, the watcher ends their members."""
+        return [str(folder / "cgroup.procs") for folder in self.cgroup.folders] if self.cgroup else []
 
     def _gateway_env(self, env: dict[str, str]) -> dict[str, str]:
         """Where the handler's `fn.call` / `mesh.mesh_call` go: this gateway (unless the function says)."""
@@ -173,8 +178,8 @@ class LocalReplica:
         for stale in (self.lock_path, self.failed_path):  # a killed watcher leaves its files behind
             readiness.clear(stale)
         self.cgroup = self.backend.make_cgroup(f"{fn.name}-{self.index}-{self.runs}", self.fn.enforcement)
-        procs = [str(folder / "cgroup.procs") for folder in self.cgroup.folders] if self.cgroup else []
-        argv = sandbox.command([sys.executable, "-m", "openfx.watcher"], self.backend.user, procs)
+        watcher = [sys.executable, "-m", "openfx.watcher"]
+        argv = sandbox.command(watcher, self.backend.user, self._cgroup_procs())
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *argv,
