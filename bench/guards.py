@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -24,13 +26,20 @@ import grpc
 import uvloop
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ROOT, Result, free_port, measure, parse_args  # noqa: E402
+from common import ROOT, Result, cpu_seconds, descendants, free_port, measure, parse_args  # noqa: E402
 
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
 
 BEFORE = "c512509"  # the last commit before the isolation and safety work (issue #12)
 PAYLOAD = b"x" * 100
+
+
+@dataclass
+class Row:
+    result: Result
+    gateway_us: float  # CPU per call
+    function_us: float
 
 
 class Gateway:
@@ -78,7 +87,31 @@ class Gateway:
         self.process.wait(30)
 
 
-async def round_of(gw: Gateway, args: argparse.Namespace) -> tuple[Result, Result]:
+def cpu_of(gw: Gateway) -> tuple[float, float]:
+    """CPU seconds so far of the gateway process and of its replicas (every descendant)."""
+    pid = gw.process.pid
+    return cpu_seconds(pid), sum(map(cpu_seconds, descendants(pid)))
+
+
+async def measured(
+    gw: Gateway, name: str, call: Callable[[], Awaitable[object]], args: argparse.Namespace
+) -> Row:
+    """One path's latency and throughput, and the CPU each side spent per call meanwhile: the cost
+    of the guards without the scheduling noise that moves req/s by ±10% between rounds."""
+    calls = 0
+
+    async def counted() -> object:
+        nonlocal calls
+        calls += 1
+        return await call()
+
+    before = cpu_of(gw)
+    result = await measure(f"{gw.label} {name}", counted, args.calls, args.concurrency, args.seconds)
+    after = cpu_of(gw)
+    return Row(result, (after[0] - before[0]) / calls * 1e6, (after[1] - before[1]) / calls * 1e6)
+
+
+async def round_of(gw: Gateway, args: argparse.Namespace) -> tuple[Row, Row]:
     async with grpc.aio.insecure_channel(gw.grpc) as channel:
         stub = gpb_grpc.FxGatewayStub(channel)
         request = gpb.InvokeServiceRequest(Service="echo", Input=PAYLOAD)
@@ -86,7 +119,7 @@ async def round_of(gw: Gateway, args: argparse.Namespace) -> tuple[Result, Resul
         async def via_grpc() -> object:
             return await stub.Invoke(request)
 
-        grpc_row = await measure(f"{gw.label} gRPC", via_grpc, args.calls, args.concurrency, args.seconds)
+        grpc_row = await measured(gw, "gRPC", via_grpc, args)
     async with aiohttp.ClientSession() as session:
         url = f"http://{gw.http}/function/echo"
 
@@ -94,7 +127,7 @@ async def round_of(gw: Gateway, args: argparse.Namespace) -> tuple[Result, Resul
             async with session.post(url, data=PAYLOAD) as r:
                 return await r.read()
 
-        http_row = await measure(f"{gw.label} HTTP", via_http, args.calls, args.concurrency, args.seconds)
+        http_row = await measured(gw, "HTTP", via_http, args)
     return grpc_row, http_row
 
 
@@ -107,13 +140,15 @@ async def main(args: argparse.Namespace) -> None:
     gateways = []
     try:
         gateways = [Gateway(base, tmp, "before"), Gateway(ROOT, tmp, "after")]
-        rows: dict[str, list[Result]] = {}
+        rows: dict[str, list[Row]] = {}
         for i in range(args.rounds):
             for gw in gateways if i % 2 == 0 else reversed(gateways):
                 for row in await round_of(gw, args):
-                    rows.setdefault(row.name, []).append(row)
+                    rows.setdefault(row.result.name, []).append(row)
                     print(
-                        f"  round {i + 1}: {row.name}: p50 {row.p50_us:.0f} µs, {row.rps_n:,.0f} req/s",
+                        f"  round {i + 1}: {row.result.name}: p50 {row.result.p50_us:.0f} µs, "
+                        f"{row.result.rps_n:,.0f} req/s, CPU per call: gateway {row.gateway_us:.0f} µs, "
+                        f"echo {row.function_us:.0f} µs",
                         flush=True,
                     )
     finally:
@@ -121,15 +156,30 @@ async def main(args: argparse.Namespace) -> None:
             gw.close()
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
+    print_table(rows, args)
+
+
+def print_table(rows: dict[str, list[Row]], args: argparse.Namespace) -> None:
+    def median(path: str, when: str, value: Callable[[Row], float]) -> float:
+        return statistics.median(value(r) for r in rows[f"{when} {path}"])
+
     rounds = f"median of {args.rounds} alternating rounds, c={args.concurrency}"
     print(f"\necho, {len(PAYLOAD)}-byte payload, {rounds}")
-    print("| path | before p50 µs | after p50 µs | p50 after/before | before req/s | after req/s | ratio |")
+    print(
+        "| path | p50 µs before / after | ratio | req/s before / after | ratio "
+        "| CPU µs per call (gateway + echo) before / after | ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for path in ("gRPC", "HTTP"):
-        b, a = rows[f"before {path}"], rows[f"after {path}"]
-        bp, ap = statistics.median(r.p50_us for r in b), statistics.median(r.p50_us for r in a)
-        br, ar = statistics.median(r.rps_n for r in b), statistics.median(r.rps_n for r in a)
-        print(f"| {path} | {bp:,.0f} | {ap:,.0f} | {ap / bp:.3f}x | {br:,.0f} | {ar:,.0f} | {ar / br:.3f}x |")
+        bp, ap = (median(path, w, lambda r: r.result.p50_us) for w in ("before", "after"))
+        br, ar = (median(path, w, lambda r: r.result.rps_n) for w in ("before", "after"))
+        bc, ac = (median(path, w, lambda r: r.gateway_us + r.function_us) for w in ("before", "after"))
+        bg, ag = (median(path, w, lambda r: r.gateway_us) for w in ("before", "after"))
+        bf, af = (median(path, w, lambda r: r.function_us) for w in ("before", "after"))
+        print(
+            f"| {path} | {bp:,.0f} / {ap:,.0f} | {ap / bp:.3f}x | {br:,.0f} / {ar:,.0f} | {ar / br:.3f}x "
+            f"| {bg:.0f} + {bf:.0f} = {bc:.0f} / {ag:.0f} + {af:.0f} = {ac:.0f} | {ac / bc:.3f}x |"
+        )
     print(f"({os.cpu_count()} cores, Python {sys.version.split()[0]}, running as uid {os.geteuid()})")
 
 

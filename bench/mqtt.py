@@ -33,39 +33,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ROOT, Platform, free_port, parse_args, percentiles  # noqa: E402
+from common import ROOT, Platform, cpu_seconds, descendants, free_port, parse_args, percentiles  # noqa: E402
 
 from openfx.bridge import mosquitto  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from tests.mqtt_helpers import start_bridge  # noqa: E402  (the tests' launcher: waits until subscribed)
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def client(port: int, cid: str) -> mqtt.Client:
