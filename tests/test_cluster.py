@@ -63,6 +63,18 @@ def test_build_context_for_every_function(tmp_path: Path) -> None:
         ).exists()
         assert not (context / "openfx/gateway").exists() and not (context / "openfx/cli").exists()
         assert f"docker build -t {spec.image}" in out.stdout
+    # the MLeap pieces are symlinks into mleap-support/ in the tree: a context must hold the files
+    support = ROOT / "mleap-support"
+    copies = {
+        "pyspark/pom.xml": "pom.xml",
+        "pyspark/MleapServer.java": "MleapServer.java",
+        "pyspark/function/src/mleap_bundle.py": "mleap_bundle.py",
+        "mnist/function/src/mleap_bundle.py": "mleap_bundle.py",
+    }
+    for built, source in copies.items():
+        path = tmp_path / built
+        assert path.is_file() and not path.is_symlink(), built
+        assert path.read_bytes() == (support / source).read_bytes(), built
 
 
 def all_manifests() -> list[dict]:

@@ -125,9 +125,14 @@ def test_mleap_runtime_equals_numpy_and_spark_on_the_held_out_digits() -> None:
         spark.stop()
 
 
-@pytest.mark.parametrize("case", BROKEN)
+# a valid MLP bundle of another model (pyspark's 4-5-4-3): sizes agreeing only with each other
+FOREIGN_MLP = (ROOT / "functions/pyspark/src/model.zip", "do not map 784 pixels to 10 digits")
+
+
+@pytest.mark.parametrize("case", [*BROKEN, "foreign MLP"])
 def test_broken_bundle_stops_the_function_with_one_line(case: str, tmp_path: Path) -> None:
-    bad, problem = bad_bundles(MODELS / "averaged.zip", tmp_path / "bad")[case]
+    cases = {**bad_bundles(MODELS / "averaged.zip", tmp_path / "bad"), "foreign MLP": FOREIGN_MLP}
+    bad, problem = cases[case]
     message = load_error(FN / "src", "models/averaged.zip", bad, tmp_path)
     assert "\n" not in message and "Traceback" not in message
     assert message.startswith("Handler.__init__ failed: BundleError: <bundle>: ") and problem in message

@@ -99,9 +99,13 @@ def test_export_refuses_the_mleap_package_traps(tmp_path: Path) -> None:
     assert written.layers == [4, 5, 4, 3] and np.array_equal(written.weights, weights)
 
 
-@pytest.mark.parametrize("case", BROKEN)
+# a valid MLP bundle of another model: its sizes agree with each other, not with this data
+FOREIGN_MLP = (ROOT / "functions/mnist/src/models/averaged.zip", "do not map 4 features to 3 classes")
+
+
+@pytest.mark.parametrize("case", [*BROKEN, "foreign MLP"])
 def test_broken_bundle_stops_the_function_with_one_line(case: str, tmp_path: Path) -> None:
-    bad, problem = bad_bundles(BUNDLE, tmp_path / "bad")[case]
+    bad, problem = {**bad_bundles(BUNDLE, tmp_path / "bad"), "foreign MLP": FOREIGN_MLP}[case]
     message = load_error(FN / "src", "model.zip", bad, tmp_path)
     assert "\n" not in message and "Traceback" not in message
     assert message.startswith("Handler.__init__ failed: BundleError: <bundle>: ") and problem in message
@@ -149,7 +153,7 @@ def test_bad_input_is_value_error(data: bytes, message: str) -> None:
 
 def fast_handler():  # type: ignore[no-untyped-def]
     """The handler without its Spark start (input validation and the fast path need none)."""
-    handler_cls = _handler_class()
+    handler_cls = _handler_module().Handler
     handler = handler_cls.__new__(handler_cls)
     handler.bundle = read_bundle(BUNDLE)
     handler.network = Network(handler.bundle.layers, handler.bundle.weights)
@@ -158,13 +162,43 @@ def fast_handler():  # type: ignore[no-untyped-def]
     return handler
 
 
-def _handler_class():  # type: ignore[no-untyped-def]
+def _handler_module():  # type: ignore[no-untyped-def]
+    """A fresh copy of the handler's module, whose names a test may replace."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pyspark_handler_under_test", FN / "src/handler.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.Handler
+    return module
+
+
+def test_the_accuracy_line_comes_from_mleaps_runtime(spark) -> None:  # type: ignore[no-untyped-def]
+    """numpy or Spark's transform would print the same 0.952..., so the line alone proves nothing:
+    a runtime that records the rows it scores and moves every predicted class on by one must be
+    given exactly Spark's 63 test rows and change the line to what the moved classes score."""
+    module = _handler_module()
+    asked: list[np.ndarray] = []
+
+    class MovedRuntime(module.MleapRuntime):
+        def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            asked.append(np.array(rows))
+            probability, prediction = super().score(rows)
+            return probability, (prediction + 1) % 3
+
+    module.MleapRuntime = MovedRuntime
+    handler = module.Handler()  # its Spark is the fixture's session (getOrCreate)
+    try:
+        assert handler.engines_done.wait(180) and handler.spark_error is None, handler.spark_error
+        test = split(spark)[1].select("features", "label").collect()
+        features = np.array([r.features.toArray() for r in test])
+        labels = np.array([r.label for r in test])
+        assert len(asked) == 1 and np.array_equal(asked[0], features)
+        moved = (Network.load().predict(features)[2] + 1) % 3
+        expected = f"Test set accuracy = {int(np.sum(moved == labels)) / len(labels)}"
+        assert handler(Req(b"")) == expected != ACCURACY
+    finally:
+        if handler.runtime is not None:
+            handler.runtime.close()
 
 
 def test_spark_not_ready_is_unavailable() -> None:

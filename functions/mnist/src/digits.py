@@ -192,7 +192,7 @@ def save_models(
 def load_model(folder: Path = MODELS, name: str = "") -> tuple[str, Network, dict[str, object]]:
     """(name, network, metadata) of the model to serve: `name`, else the index's `serve` choice.
     A broken bundle raises BundleError, one line naming the file and the problem."""
-    from mleap_bundle import read_bundle
+    from mleap_bundle import BundleError, read_bundle
 
     index = json.loads((folder / "index.json").read_text())
     name = name or index["serve"]
@@ -203,7 +203,7 @@ def load_model(folder: Path = MODELS, name: str = "") -> tuple[str, Network, dic
     meta = index["models"][name]
     bundle = read_bundle(folder / meta["bundle"])
     if bundle.layers[0] != N_PIXELS or bundle.layers[-1] != N_CLASSES:
-        raise ValueError(
+        raise BundleError(
             f"{bundle.path}: layers {bundle.layers} do not map {N_PIXELS} pixels to {N_CLASSES} digits"
         )
     return name, Network(bundle.layers, bundle.weights), meta

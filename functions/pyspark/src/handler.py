@@ -1,8 +1,8 @@
 """The workshop's neural network as a function, served from its MLeap bundle (src/model.zip).
 
 - At start the bundle is read once (zipfile + json, checked: a missing, truncated or foreign
-  zip, another op or wrong sizes stop the function with one line naming the file and the
-  problem). Rows are answered from it at once by a numpy forward pass.
+  zip, another op, wrong sizes or an MLP not mapping 4 features to 3 classes stop the function
+  with one line naming the file and the problem). Rows are answered from it at once by a numpy forward pass.
 - Meanwhile, in the background, MLeap's own JVM runtime (a JVM of its own, only MLeap's jars)
   loads the same bundle and Spark starts (`SPARK_MASTER`: `local[*]` by default,
   `spark://host:7077`, `k8s://...`). Then the seed's accuracy is computed once: Spark reads the
@@ -23,8 +23,8 @@ import threading
 
 import grpc
 import numpy as np
-from mleap_bundle import MleapRuntime, read_bundle, spark_model
-from mlp import BUNDLE, Network, spark_session, split
+from mleap_bundle import MleapRuntime, spark_model
+from mlp import BUNDLE, Network, load_bundle, spark_session, split
 
 from openfx import hops
 from openfx.errors import InvokeError
@@ -36,7 +36,7 @@ ENGINES = ("numpy", "mleap", "spark", "seed")
 
 class Handler:
     def __init__(self):
-        self.bundle = read_bundle(BUNDLE)  # BundleError here is the watcher's one-line load error
+        self.bundle = load_bundle(BUNDLE)  # BundleError here is the watcher's one-line load error
         self.network = Network(self.bundle.layers, self.bundle.weights)  # the fast path is ready now
         self.runtime = None  # MLeap's JVM runtime, kept for the replica's life
         self.spark = None

@@ -13,13 +13,26 @@ import os
 from pathlib import Path
 
 import numpy as np
-from mleap_bundle import read_bundle
+from mleap_bundle import BundleError, MLPBundle, read_bundle
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "sample_multiclass_classification_data.txt"
 BUNDLE = HERE / "model.zip"  # the trained PipelineModel as an MLeap bundle: the one model file
 LAYERS = [4, 5, 4, 3]
 SEED = 1234
+
+
+def load_bundle(path: Path = BUNDLE) -> MLPBundle:
+    """The bundle the function serves, refused (BundleError, one line naming the file) unless its
+    MLP maps the data's 4 features to its 3 classes: a network whose sizes agree only with each
+    other (mnist's 784-64-10, or 4-5-3 trained on something else) would start and then fail, or
+    answer for classes the data does not have."""
+    bundle = read_bundle(path)
+    if bundle.layers[0] != LAYERS[0] or bundle.layers[-1] != LAYERS[-1]:
+        raise BundleError(
+            f"{bundle.path}: layers {bundle.layers} do not map {LAYERS[0]} features to {LAYERS[-1]} classes"
+        )
+    return bundle
 
 
 def spark_session(master: str | None = None, app: str = "NeuralNet"):  # type: ignore[no-untyped-def]
@@ -65,7 +78,7 @@ class Network:
     @classmethod
     def load(cls, path: Path = BUNDLE) -> Network:
         """The bundle's MLP (BundleError, one line naming the file, when it cannot be served)."""
-        bundle = read_bundle(path)
+        bundle = load_bundle(path)
         return cls(bundle.layers, bundle.weights)
 
     @property
