@@ -1,33 +1,36 @@
 """The operator's console in a real headless Chromium against a real gateway: sign in with the
 token, see the functions, invoke echo (text) and sentiment-analysis (JSON) through the form,
-upload an image to imgprocessing and see the processed image, read a log, scale echo to 2 and
-back. Plus the console origin's own rules, over plain HTTP: CSP, no function pages, tokens,
-Host/Origin, and the API origin not trusting the console's. Screenshots land in the test's
-tmp dir on failure."""
+upload a face to imgprocessing and see the green box drawn around it, read the log line the call
+just made (the `author` fixture logs each word it gets), scale echo to 2 and back. Plus the
+console origin's own rules, over plain HTTP: CSP, no function pages, tokens, Host/Origin, and the
+API origin not trusting the console's. Screenshots land in the test's tmp dir on failure."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, ROOT, RunningGateway, free_port, start_gateway
+from tests.conftest import ADMIN_TOKEN, FIXTURES, ROOT, RunningGateway, free_port, start_gateway
 from tests.functions import test_mnist_page
+from tests.functions.image_helpers import drawn_face, green_box
 from tests.functions.test_mnist_page import CHROMEDRIVER, CHROMIUM
 
 pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()), reason="needs chromium + chromium-driver"
 )
 FUNCTIONS = ("echo", "sentiment-analysis", "imgprocessing")
+LISTED = {*FUNCTIONS, "author"}  # author: a fixture whose handler logs through fn.log
 browser = test_mnist_page.browser  # the same headless Chromium (Debian's, never one downloaded)
 
 
@@ -36,12 +39,14 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running
     folder = tmp_path_factory.mktemp("console")
     stack = folder / "stack.yaml"
     stack.write_text(
-        "include:\n" + "".join(f"  - {ROOT}/functions/{name}/config.yaml\n" for name in FUNCTIONS)
+        "include:\n"
+        + "".join(f"  - {ROOT}/functions/{name}/config.yaml\n" for name in FUNCTIONS)
+        + f"functions:\n  author:\n    handler: {{dir: {FIXTURES}/functions/author/src, file: handler.py}}\n"
     )
     console = f"127.0.0.1:{free_port()}"
     gw = start_gateway(stack, folder / "gateway.log", "--console", console)
     try:
-        gw.wait_ready(names=set(FUNCTIONS), timeout=120)
+        gw.wait_ready(names=LISTED, timeout=120)
         yield gw, f"http://{console}"
     finally:
         gw.stop()
@@ -88,7 +93,7 @@ def test_console_origin_rules(platform: tuple[RunningGateway, str]) -> None:
     assert status == 403
     status, _, body = fetch(console + "/console/overview", headers=AUTH)
     rows = {row["name"]: row for row in json.loads(body)["functions"]}
-    assert set(rows) == set(FUNCTIONS) and rows["echo"]["p50_ms"] is not None
+    assert set(rows) == LISTED and rows["echo"]["p50_ms"] is not None
 
 
 @contextlib.contextmanager
@@ -114,14 +119,25 @@ def by_id(driver, element_id: str):  # type: ignore[no-untyped-def]
     return driver.find_element(By.ID, element_id)
 
 
-def jpeg() -> bytes:
+def shown_image(driver):  # type: ignore[no-untyped-def]
+    """The pixels of the result image as the page shows them (drawn on a canvas, read back as PNG),
+    waited for until it has loaded."""
+    import cv2
     import numpy as np
-    from PIL import Image
 
-    pixels = (np.indices((120, 160)).sum(axis=0) % 255).astype("uint8")
-    out = io.BytesIO()
-    Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(out, "JPEG")
-    return out.getvalue()
+    data_url = wait(driver, lambda d: d.execute_script(SHOWN_PNG), "the processed image shown")
+    png = base64.b64decode(data_url.split(",", 1)[1])
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+
+
+SHOWN_PNG = (
+    "const i = document.getElementById('result-image');"
+    "if (i.hidden || !i.complete || !i.naturalWidth) return null;"
+    "const c = document.createElement('canvas');"
+    "c.width = i.naturalWidth; c.height = i.naturalHeight;"
+    "c.getContext('2d').drawImage(i, 0, 0);"
+    "return c.toDataURL('image/png');"
+)
 
 
 def invoke(driver, kind: str, text: str = "", file: Path | None = None) -> str:  # type: ignore[no-untyped-def]
@@ -162,7 +178,7 @@ def drive_console(page, console: str, tmp_path: Path) -> None:  # type: ignore[n
     wait(page, lambda d: by_id(d, "login").is_displayed(), "the token form")
     # keyboard only: the field has focus, Enter submits
     page.switch_to.active_element.send_keys(ADMIN_TOKEN, Keys.ENTER)
-    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows tr")) == 3, "three functions listed")
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rows tr")) == 4, "four functions listed")
     assert "manage" in by_id(page, "who").text
     assert page.execute_script("return sessionStorage.getItem('openfx-token')") == ADMIN_TOKEN
 
@@ -177,23 +193,34 @@ def drive_console(page, console: str, tmp_path: Path) -> None:  # type: ignore[n
     assert json.loads(by_id(page, "result-text").text)["polarity"] > 0
 
     open_function(page, console, "imgprocessing")
-    picture = tmp_path / "in.jpg"
-    picture.write_bytes(jpeg())
+    import cv2
+
+    picture = tmp_path / "face.jpg"  # 600x600, the face centred; the default operation boxes faces
+    picture.write_bytes(cv2.imencode(".jpg", drawn_face(300), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
     status = invoke(page, "file", file=picture)
     assert "image/jpeg" in status, status
-    width = wait(
-        page,
-        lambda d: d.execute_script(
-            "const i = document.getElementById('result-image');"
-            "return !i.hidden && i.complete && i.naturalWidth"
-        ),
-        "the processed image shown",
-    )
-    assert width == 160
+    shown = shown_image(page)
+    assert shown.shape[:2] == (600, 600)
+    box = green_box(shown)  # an echo of the upload has no green in it
+    assert box is not None, "no green box in the shown image"
+    x1, y1, x2, y2 = box
+    assert x1 < 230 < 370 < x2 and y1 < 240 < 390 < y2, box  # around the eyes-to-mouth region
 
+    # the log pane shows the line the call just made (a fresh word: not an older line)
+    open_function(page, console, "author")
+    word = f"console-{uuid.uuid4().hex[:8]}"
+    assert invoke(page, "text", word).startswith("200")
+    assert by_id(page, "result-text").text == f"fine: {word}"
+
+    def logged(d) -> bool:  # type: ignore[no-untyped-def]
+        if f"author got '{word}'" in by_id(d, "log").text:
+            return True
+        if not by_id(d, "log-status").text.endswith("…"):  # re-read until the line has been written
+            by_id(d, "log-refresh").click()
+        return False
+
+    wait(page, logged, "the call's log line in the log pane")
     open_function(page, console, "echo")
-    by_id(page, "log-refresh").click()
-    wait(page, lambda d: "log read" in by_id(d, "log-status").text, "the log read")
 
     for replicas in (2, 1):
         field = by_id(page, "replicas")
