@@ -24,10 +24,12 @@ from tests.conftest import (
     ADMIN_TOKEN,
     FIXTURES,
     READY_FUNCTIONS,
+    ROOT,
     RunningGateway,
     free_port,
     start_gateway,
 )
+from tests.shared_tmp import shared_tmp
 
 HANDLER_DIR = FIXTURES / "functions" / "echopid" / "src"
 
@@ -144,6 +146,67 @@ def test_deploy_caps(gateway: RunningGateway, request_: gpb.CreateFunctionReques
     assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details, details
     assert len(details) < 200 and "\n" not in details
     assert {f.Name for f in gateway.stub().List(gpb.Empty(), timeout=10).Functions} == before
+    assert echo_works(gateway)
+
+
+@pytest.fixture(scope="module")
+def own_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    """A gateway whose replicas run as its own user (`--function-user ''`): the non-root path."""
+    tmp = tmp_path_factory.mktemp("own")
+    stack = tmp / "stack.yaml"
+    stack.write_text(f"include:\n  - {ROOT / 'functions' / 'echo' / 'config.yaml'}\n")
+    gw = start_gateway(stack, tmp / "gateway.log", "--function-user", "")
+    try:
+        gw.wait_ready(names={"echo"})
+        yield gw
+    finally:
+        gw.stop()
+
+
+def _bad_sources(folder: Path) -> list[tuple[str, Path, str]]:
+    """(function name, source, the refusal's reason) for each way a source can be wrong."""
+    empty, missing, handler = folder / "empty", folder / "missing", HANDLER_DIR / "handler.py"
+    empty.mkdir(mode=0o755)
+    return [
+        ("nofolder", missing, f"source folder {missing} does not exist"),
+        ("afile", handler, f"source {handler} is not a folder"),
+        ("nohandler", empty, f"handler file handler.py not found in the source folder {empty}"),
+    ]
+
+
+@pytest.mark.parametrize("runs_as", ["function user", "gateway user"])
+def test_a_source_that_is_not_a_folder_holding_the_handler_is_refused(
+    gateway: RunningGateway, own_user: RunningGateway, runs_as: str
+) -> None:
+    """The same check as root (made as the function user) and not (the module gateway runs
+    replicas as openfx-fn when the tests run as root; `own_user` as its own user): one line,
+    INVALID_ARGUMENT / 400, over gRPC and HTTP, nothing deployed, the gateway still answering."""
+    gw = gateway if runs_as == "function user" else own_user
+    with shared_tmp() as folder:
+        for name, source, reason in _bad_sources(folder):
+            request = deploy_request(name, Annotations={"openfx.source": str(source)})
+            code, details = code_of(gw.stub().Deploy, request)
+            assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {reason}")
+            body = json_format.MessageToDict(request)
+            r = requests.post(f"{gw.http_url}/system/functions", json=body, headers=ADMIN_HEADERS, timeout=30)
+            assert r.status_code == 400, r.text
+            invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert r.json() == {"code": invalid, "message": details, "details": []}
+            assert name not in {f.Name for f in gw.stub().List(gpb.Empty(), timeout=10).Functions}
+            assert echo_works(gw)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root gateway runs replicas as another user")
+def test_a_source_the_function_user_cannot_read_is_refused(gateway: RunningGateway) -> None:
+    with shared_tmp() as folder:
+        private = folder / "private"
+        private.mkdir(mode=0o700)  # root's: the gateway could read it, its replicas could not
+        (private / "handler.py").write_text("def Handler(req):\n    return req.input\n")
+        code, details = code_of(
+            gateway.stub().Deploy, deploy_request("private", Annotations={"openfx.source": str(private)})
+        )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "\n" not in details
+    assert details.startswith(f"private: function user openfx-fn cannot read {private}: Permission denied")
     assert echo_works(gateway)
 
 

@@ -695,17 +695,14 @@ class EmbeddedBackend:
         return fn
 
     async def _admit(self, definition: FunctionDef) -> Enforcement:
-        """Refuse what cannot run here: no source, no usable interpreter, an unenforceable limit."""
+        """Refuse what cannot run here: no source, no usable interpreter, an unenforceable limit, a
+        source that is not a folder the replicas' user can list holding a handler file it can read."""
         folder = definition.handler_dir
         if folder is None:
             raise InvokeError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"embedded gateway needs the source of {definition.name}: deploy with "
                 "'openfx-cli fn deploy -f config.yaml' (annotation openfx.source)",
-            )
-        if not (folder / definition.handler_file).is_file():
-            raise InvokeError(
-                grpc.StatusCode.FAILED_PRECONDITION, f"handler not found: {folder / definition.handler_file}"
             )
         enforcement = decide(
             definition.name, definition.limits, self.cgroups.controllers if self.cgroups else {}
@@ -715,10 +712,10 @@ class EmbeddedBackend:
             if problem:
                 raise InvokeError(grpc.StatusCode.FAILED_PRECONDITION, problem)
             self._user_ok = True
-        if self.user is not None:
-            problem = await sandbox.check_source(self.user, folder / definition.handler_file)
-            if problem:
-                raise InvokeError(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        # a caller's bad argument (the source it named), as the other caps: the same for root and not
+        problem = await sandbox.check_source(self.user, folder, definition.handler_file)
+        if problem:
+            raise InvokeError(grpc.StatusCode.INVALID_ARGUMENT, f"{definition.name}: {problem}")
         if self._monitor is None:
             self._monitor = asyncio.get_running_loop().create_task(self._watch(), name="replica-monitor")
         return enforcement

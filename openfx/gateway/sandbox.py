@@ -85,8 +85,9 @@ def function_user(setting: str | None) -> FunctionUser | None:
     return FunctionUser(name, entry.pw_uid, entry.pw_gid)
 
 
-async def _failure_as(user: FunctionUser, argv: list[str]) -> str:
-    """Run `argv` as `user`: "" if it succeeds, else the last line it printed (or its exit code)."""
+async def _failure_as(user: FunctionUser | None, argv: list[str]) -> str:
+    """Run `argv` as `user` (None: ours): "" if it succeeds, else the last line it printed (or its
+    exit code)."""
     process = await asyncio.create_subprocess_exec(
         *command(argv, user, []),
         stdin=asyncio.subprocess.DEVNULL,
@@ -110,15 +111,49 @@ async def check_interpreter(user: FunctionUser) -> str:
     )
 
 
-async def check_source(user: FunctionUser, handler_file: Path) -> str:
-    """ "" when `user` can read the handler file and list its folder, else why not (one line): a
-    function folder under a private home (/root is 0700) must be refused at deploy, not crash-loop."""
-    probe = "import os, sys; open(sys.argv[1], 'rb').close(); os.listdir(sys.argv[2])"
+# What a replica needs of its source, tried by whoever runs it (-I -S: nothing of the folder runs):
+# the folder listable (its cwd, on sys.path) and the handler file readable. One line on stderr.
+_SOURCE_PROBE = """
+import os, sys
+folder, name = sys.argv[1:]
+handler = os.path.join(folder, name)
+def fail(why):
+    print(why, file=sys.stderr)
+    sys.exit(1)
+def denied(path, e):
+    fail(f"cannot read {path}: {e.strerror}" if e.errno == 13 else f"{path}: {e.strerror}")
+try:
+    os.stat(folder)
+except FileNotFoundError:
+    fail(f"source folder {folder} does not exist")
+except OSError as e:
+    denied(folder, e)
+if not os.path.isdir(folder):
+    fail(f"source {folder} is not a folder")
+try:
+    os.listdir(folder)
+except OSError as e:
+    denied(folder, e)
+if not os.path.isfile(handler):
+    fail(f"handler file {name} not found in the source folder {folder}")
+try:
+    open(handler, "rb").close()
+except OSError as e:
+    denied(handler, e)
+"""
+
+
+async def check_source(user: FunctionUser | None, folder: Path, handler_file: str) -> str:
+    """ "" when whoever runs the replicas (`user`, or the gateway's own user for None) can list
+    `folder` and read `handler_file` in it, else why not (one line). The same probe for both: a
+    folder under a private home (/root is 0700) must be refused at deploy, not crash-loop."""
     failure = await _failure_as(
-        user, [sys.executable, "-I", "-S", "-c", probe, str(handler_file), str(handler_file.parent)]
+        user, [sys.executable, "-I", "-S", "-c", _SOURCE_PROBE, str(folder), handler_file]
     )
-    return failure and (
-        f"function user {user.name} cannot read {handler_file}: {failure} "
+    if not failure.startswith("cannot read ") or user is None:
+        return failure
+    return (
+        f"function user {user.name} {failure} "
         f"(let it read the folder, e.g. setfacl -R -m u:{user.name}:rX plus x on the folders above, "
         "or deploy from a readable folder)"
     )
