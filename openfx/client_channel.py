@@ -3,11 +3,12 @@ given, and the bearer token added to every call's metadata."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+
+from openfx import env
 
 MAX_MESSAGE = 256 * 1024 * 1024
 
@@ -59,8 +60,8 @@ def gateway_channel(
     options: list[tuple[str, Any]] | None = None,
 ) -> grpc.Channel:
     """`token` and `tls_ca` default to OPENFX_TOKEN and OPENFX_TLS_CA."""
-    token = token if token is not None else os.environ.get("OPENFX_TOKEN") or None
-    tls_ca = tls_ca if tls_ca is not None else os.environ.get("OPENFX_TLS_CA") or None
+    token = token if token is not None else env.optional("OPENFX_TOKEN")
+    tls_ca = tls_ca if tls_ca is not None else env.optional("OPENFX_TLS_CA")
     opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
     opts += options or []
     if tls_ca:
@@ -74,7 +75,7 @@ def gateway_channel(
 def aio_gateway_channel(address: str, tls_ca: str | None = None) -> grpc.aio.Channel:
     """An asyncio channel to the gateway (TLS when `tls_ca` or OPENFX_TLS_CA names a CA); the
     caller adds `bearer(token)` to each call's metadata."""
-    tls_ca = tls_ca if tls_ca is not None else os.environ.get("OPENFX_TLS_CA") or None
+    tls_ca = tls_ca if tls_ca is not None else env.optional("OPENFX_TLS_CA")
     opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
     if tls_ca:
         with open(tls_ca, "rb") as f:

@@ -1,5 +1,7 @@
-"""The numbers the contracts fix, in one place (DESIGN.md §3): ports, and the defaults a function
-gets when its config says nothing. Everything else imports them from here."""
+"""The numbers the contracts fix, in one place: the ports (OpenFx's gateway NodePort 31113, our
+HTTP trigger 31114 and console 31115, the watcher's 50051 in a container, MQTT's 1883), the message
+size limit, and the defaults a function gets when its config says nothing. Everything else
+imports them from here, so a port is changed in one line."""
 
 from __future__ import annotations
 

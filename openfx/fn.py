@@ -22,12 +22,11 @@ call chain, and a chain deeper than `hops.MAX_HOPS` (a loop) is refused with a c
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import grpc
 
-from openfx import hops
+from openfx import defaults, env, hops
 from openfx.errors import InvokeError
 
 # The watcher's output is the function's log (`fn log`); this logger writes there, one line per call.
@@ -70,7 +69,7 @@ class Unavailable(FunctionError):
 GATEWAY_ENV = "OPENFX_GATEWAY"  # host:port of the gateway's gRPC (set by the embedded platform)
 TOKEN_ENV = "OPENFX_TOKEN"  # a bearer token for it, when the gateway asks for one
 NAMESPACE_ENV = "OPENFX_NAMESPACE"  # no gateway: call `<name>.<namespace>:50051` directly (a cluster)
-DEFAULT_TIMEOUT = 30.0  # outside any call (a script, a test) and without `timeout`
+DEFAULT_TIMEOUT = defaults.TIMEOUT_SECONDS  # outside any call (a script, a test) and without `timeout`
 
 _channels: dict[str, grpc.Channel] = {}
 _channels_lock = threading.Lock()
@@ -101,9 +100,9 @@ def call(name: str, data: bytes | str = b"", timeout: float | None = None) -> by
         budget = timeout if budget is None else min(budget, timeout)
     budget = DEFAULT_TIMEOUT if budget is None else budget
     metadata = [(hops.METADATA_KEY, str(depth))]
-    if os.environ.get(TOKEN_ENV):
-        metadata.append(("authorization", f"Bearer {os.environ[TOKEN_ENV]}"))
-    gateway = os.environ.get(GATEWAY_ENV, "")
+    if token := env.optional(TOKEN_ENV):
+        metadata.append(("authorization", f"Bearer {token}"))
+    gateway = env.string(GATEWAY_ENV)
     try:
         if gateway:
             from openfx.pb import fxgateway_pb2 as gpb
@@ -115,7 +114,7 @@ def call(name: str, data: bytes | str = b"", timeout: float | None = None) -> by
         from openfx.pb import fxwatcher_pb2 as wpb
         from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
 
-        address = f"{name}.{os.environ.get(NAMESPACE_ENV, 'openfx-fn')}:50051"
+        address = f"{name}.{env.string(NAMESPACE_ENV, 'openfx-fn')}:{defaults.WATCHER_PORT}"
         info = wpb.Info(
             FunctionName=name, Timeout=f"{budget:g}s", Hops=depth, Trigger=wpb.Trigger(Name="grpc")
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import ssl
 import sys
@@ -13,6 +12,7 @@ import sys
 import uvloop
 from pydantic import ValidationError
 
+from openfx import env
 from openfx.bridge.bridge import Bridge
 from openfx.bridge.config import BridgeConfig, Route, load_bridge_config
 from openfx.config import ConfigError
@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-c", "--config", help="bridge config file (broker/bridge.yaml)")
     p.add_argument("--host", help="broker host")
     p.add_argument("--port", type=int, help="broker port")
-    p.add_argument("--gateway", default=os.environ.get("OPENFX_URL"), help="gateway gRPC address")
+    p.add_argument("--gateway", default=env.optional("OPENFX_URL"), help="gateway gRPC address")
     p.add_argument(
-        "--gateway-http", default=os.environ.get("OPENFX_HTTP_URL"), help="gateway HTTP URL (transport http)"
+        "--gateway-http", default=env.optional("OPENFX_HTTP_URL"), help="gateway HTTP URL (transport http)"
     )
     p.add_argument("--transport", choices=["http", "grpc"], help="how to call the gateway (default http)")
     p.add_argument("--client-id", help="MQTT client id (stable across restarts)")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ack", choices=["after-reply", "on-receipt"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"), format="bridge: %(message)s", stream=sys.stderr
+        level=env.string("LOG_LEVEL", "INFO"), format="bridge: %(message)s", stream=sys.stderr
     )
     routes = None
     if args.route:

@@ -15,9 +15,11 @@ from pathlib import Path
 import click
 import yaml
 
+from openfx import env
+
 
 def user_config_path() -> Path:
-    return Path(os.environ.get("OPENFX_CONFIG") or Path.home() / ".openfx" / "config.yaml").expanduser()
+    return Path(env.optional("OPENFX_CONFIG") or Path.home() / ".openfx" / "config.yaml").expanduser()
 
 
 def _read_config(path: Path) -> dict:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import logging.handlers
-import os
 import shutil
 import signal
 import socket
@@ -23,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from openfx import defaults
+from openfx import env as environ
 from openfx.config import ConfigError, StackFile
 from openfx.console.server import build_console
 from openfx.function_def import FunctionDef, to_request
@@ -82,8 +82,13 @@ class GatewaySettings:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The gateway's flags (each also read from an environment variable), shared by
     `python -m openfx.gateway` and `python -m openfx.launcher`."""
+    with environ.exit_on_error("gateway"):
+        _add_arguments(parser)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     d = GatewaySettings()
-    env = os.environ.get
+    env, optional = environ.string, environ.optional
     parser.add_argument("--grpc", default=env("OPENFX_GRPC_ADDR", d.grpc_address), help="gRPC listen address")
     parser.add_argument("--http", default=env("OPENFX_HTTP_ADDR", d.http_address), help="HTTP listen address")
     parser.add_argument(
@@ -92,33 +97,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the operator's web console, an origin of its own ('' for none)",
     )
     parser.add_argument(
-        "--max-message-bytes", type=int, default=int(env("OPENFX_MAX_MESSAGE_BYTES", d.max_message_bytes))
+        "--max-message-bytes",
+        type=int,
+        default=environ.integer("OPENFX_MAX_MESSAGE_BYTES", d.max_message_bytes, minimum=1),
     )
-    parser.add_argument("--max-streams", type=int, default=int(env("OPENFX_MAX_STREAMS", d.max_streams)))
     parser.add_argument(
-        "--http-body-timeout", type=float, default=float(env("OPENFX_HTTP_BODY_TIMEOUT", d.http_body_timeout))
+        "--max-streams", type=int, default=environ.integer("OPENFX_MAX_STREAMS", d.max_streams, minimum=1)
+    )
+    parser.add_argument(
+        "--http-body-timeout",
+        type=float,
+        default=environ.number("OPENFX_HTTP_BODY_TIMEOUT", d.http_body_timeout),
     )
     parser.add_argument(
         "--http-header-timeout",
         type=float,
-        default=float(env("OPENFX_HTTP_HEADER_TIMEOUT", d.http_header_timeout)),
+        default=environ.number("OPENFX_HTTP_HEADER_TIMEOUT", d.http_header_timeout),
         help="close HTTP connections whose request headers take longer (slowloris), and idle ones",
     )
     parser.add_argument(
-        "--tokens-file", default=env("OPENFX_TOKENS_FILE"), help="bearer tokens and scopes (YAML)"
+        "--tokens-file", default=optional("OPENFX_TOKENS_FILE"), help="bearer tokens and scopes (YAML)"
     )
     parser.add_argument(
         "--allow-unauthenticated",
         action="store_true",
-        default=env("OPENFX_ALLOW_UNAUTHENTICATED") == "1",
+        default=environ.flag("OPENFX_ALLOW_UNAUTHENTICATED", False),
         help="serve without tokens on a non-loopback address (not recommended)",
     )
     parser.add_argument(
-        "--tls-cert", default=env("OPENFX_TLS_CERT"), help="TLS certificate (PEM) for both listeners"
+        "--tls-cert", default=optional("OPENFX_TLS_CERT"), help="TLS certificate (PEM) for both listeners"
     )
-    parser.add_argument("--tls-key", default=env("OPENFX_TLS_KEY"), help="TLS private key (PEM)")
+    parser.add_argument("--tls-key", default=optional("OPENFX_TLS_KEY"), help="TLS private key (PEM)")
     parser.add_argument(
-        "--tls-client-ca", default=env("OPENFX_TLS_CLIENT_CA"), help="require client certificates"
+        "--tls-client-ca", default=optional("OPENFX_TLS_CLIENT_CA"), help="require client certificates"
     )
     parser.add_argument(
         "--backend", choices=["embedded", "kubernetes"], default=env("OPENFX_BACKEND", d.backend)
@@ -134,42 +145,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--open-management",
         action="store_true",
-        default=env("OPENFX_OPEN_MANAGEMENT") == "1",
+        default=environ.flag("OPENFX_OPEN_MANAGEMENT", False),
         help="DANGEROUS: let anyone who reaches loopback deploy code (for tools that cannot send tokens)",
     )
     parser.add_argument(
         "--admin-token-file",
-        default=env("OPENFX_ADMIN_TOKEN_FILE"),
+        default=optional("OPENFX_ADMIN_TOKEN_FILE"),
         help="file holding the local admin token (openfx-cli up creates it); invoking stays open on loopback",
     )
     parser.add_argument(
         "--allowed-host",
         action="append",
-        default=[h for h in (env("OPENFX_ALLOWED_HOSTS") or "").split(",") if h],
+        default=[h for h in env("OPENFX_ALLOWED_HOSTS").split(",") if h],
         help="another name the HTTP Host header may carry (repeatable)",
     )
     parser.add_argument(
         "--allowed-origin",
         action="append",
-        default=[o for o in (env("OPENFX_ALLOWED_ORIGINS") or "").split(",") if o],
+        default=[o for o in env("OPENFX_ALLOWED_ORIGINS").split(",") if o],
         help="another browser origin allowed to call the gateway (repeatable)",
     )
     parser.add_argument(
         "--function-user",
-        default=env("OPENFX_FUNCTION_USER"),
+        default=optional("OPENFX_FUNCTION_USER"),
         help="user the replicas run as when the gateway runs as root (default openfx-fn, else nobody)",
     )
     parser.add_argument(
         "--timeout-grace",
         type=float,
-        default=float(env("OPENFX_TIMEOUT_GRACE", d.timeout_grace)),
+        default=environ.number("OPENFX_TIMEOUT_GRACE", d.timeout_grace),
         help="seconds past a call's timeout before its replica is recycled",
     )
     parser.add_argument(
         "--no-cgroups",
         dest="cgroups",
         action="store_false",
-        default=env("OPENFX_CGROUPS", "auto") != "off",
+        default=environ.flag("OPENFX_CGROUPS", True, also_on=("auto",)),
         help="no cgroups: memory by an RSS watchdog, CPU limits refused (OPENFX_CGROUPS=off)",
     )
     parser.add_argument(
@@ -179,19 +190,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="never stop a function's last replica: min_replicas 0 counts as 1 (OPENFX_SCALE_TO_ZERO=off)",
     )
-    parser.add_argument("--log-file", default=env("OPENFX_LOG_FILE"), help="write the log here, rotated")
+    parser.add_argument("--log-file", default=optional("OPENFX_LOG_FILE"), help="write the log here, rotated")
     parser.add_argument(
-        "--log-max-bytes", type=int, default=int(env("OPENFX_LOG_MAX_BYTES", d.log_max_bytes))
+        "--log-max-bytes",
+        type=int,
+        default=environ.integer("OPENFX_LOG_MAX_BYTES", d.log_max_bytes, minimum=1),
     )
-    parser.add_argument("--log-backups", type=int, default=int(env("OPENFX_LOG_BACKUPS", d.log_backups)))
+    parser.add_argument(
+        "--log-backups", type=int, default=environ.integer("OPENFX_LOG_BACKUPS", d.log_backups)
+    )
 
 
 def scale_to_zero_from_env() -> bool:
     """OPENFX_SCALE_TO_ZERO: on (the default) or off; anything else is a one-line SystemExit."""
-    value = os.environ.get(SCALE_TO_ZERO_ENV, "on").strip().lower()
-    if value not in ("on", "off", ""):
-        raise SystemExit(f"gateway: {SCALE_TO_ZERO_ENV} must be 'on' or 'off', got {value[:40]!r}")
-    return value != "off"
+    with environ.exit_on_error("gateway"):
+        return environ.flag(SCALE_TO_ZERO_ENV, True)
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
@@ -466,4 +479,4 @@ def configure_logging(settings: GatewaySettings) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), handlers=[handler], force=True)
+    logging.basicConfig(level=environ.string("LOG_LEVEL", "INFO"), handlers=[handler], force=True)

@@ -22,6 +22,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
+from openfx import defaults
 from openfx.errors import InvokeError, not_found
 from openfx.function_def import FunctionDef
 from openfx.k8s.manifests import FUNCTION_NAMESPACE, LABEL, function_manifests
@@ -30,7 +31,7 @@ from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
 
 log = logging.getLogger("openfx.gateway")
-DEFAULT_ADDRESS = "dns:///{name}.{namespace}.svc.cluster.local:50051"
+DEFAULT_ADDRESS = f"dns:///{{name}}.{{namespace}}.svc.cluster.local:{defaults.WATCHER_PORT}"
 REFRESH_SECONDS = 5.0
 
 

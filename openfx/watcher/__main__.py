@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import uvloop
 
+from openfx import env
 from openfx.parent import die_with_parent_if_asked
 from openfx.watcher.server import WatcherSettings, serve
 
@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> None:
         "--addr", help="gRPC listen address (env WATCHER_ADDR, default 0.0.0.0:$WATCHER_PORT)"
     )
     args = parser.parse_args(argv)
-    settings = WatcherSettings.from_env()
+    with env.exit_on_error("watcher"):
+        settings = WatcherSettings.from_env()
+        log_prefix = env.flag("WATCHER_LOG_PREFIX", True)
     if args.handler:
         settings.handler_file = args.handler
     if args.name:
@@ -29,9 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.addr:
         settings.address = args.addr
     # one line per event, function name first (the embedded gateway adds "name[replica]: " itself)
-    prefix = "" if os.environ.get("WATCHER_LOG_PREFIX") == "0" else f"{settings.function_name or 'watcher'}: "
+    prefix = f"{settings.function_name or 'watcher'}: " if log_prefix else ""
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"), format=prefix + "%(message)s", stream=sys.stderr
+        level=env.string("LOG_LEVEL", "INFO"), format=prefix + "%(message)s", stream=sys.stderr
     )
     die_with_parent_if_asked()
     uvloop.run(serve(settings))

@@ -5,15 +5,18 @@ native gRPC probe on the same port); it really asks the watcher, unlike OpenFx's
 
 from __future__ import annotations
 
-import os
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from openfx import defaults, env
+
 
 def main() -> int:
-    address = os.environ.get("PROBE_ADDR") or f"127.0.0.1:{os.environ.get('WATCHER_PORT', '50051')}"
+    with env.exit_on_error("probe"):
+        port = env.integer("WATCHER_PORT", defaults.WATCHER_PORT, minimum=1)
+    address = env.optional("PROBE_ADDR") or f"127.0.0.1:{port}"
     try:
         with grpc.insecure_channel(address) as channel:
             status = (
