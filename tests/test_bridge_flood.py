@@ -21,6 +21,7 @@ import queue
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,13 +129,13 @@ def flood(port: int, qos: int, reply_to: str) -> tuple[set[bytes], dict[bytes, i
 
 def collect(
     collector: Device, expected: set[bytes], timeout: float = 60
-) -> tuple[set[bytes], set[bytes], set[str]]:
-    """Replies and dead letters (by correlation data) until every expected request is answered."""
-    replied: set[bytes] = set()
+) -> tuple[dict[bytes, str], set[bytes]]:
+    """Replies (correlation data -> status) and dead letters until every expected request has its
+    reply: the bridge replies to every request, a refused one gets a dead letter besides."""
+    replied: dict[bytes, str] = {}
     dead: set[bytes] = set()
-    statuses: set[str] = set()
     deadline = time.monotonic() + timeout
-    while not expected <= replied | dead:
+    while not expected <= replied.keys():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
@@ -146,9 +147,8 @@ def collect(
         if msg.topic.startswith("dlq/"):
             dead.add(correlation)
         else:
-            replied.add(correlation)
-            statuses.add(status(msg))
-    return replied, dead, statuses
+            replied[correlation] = status(msg)
+    return replied, dead
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
@@ -163,15 +163,17 @@ def test_flood_from_a_wide_window_is_answered(
             f"QoS {qos}: the broker refused {len(refused)} of {COUNT} publishes "
             f"(reason codes {sorted(set(refused.values()))}); max_inflight_messages in broker/mosquitto.conf?"
         )
-        replied, dead, statuses = collect(collector, accepted)
+        replied, dead = collect(collector, accepted)
     finally:
         collector.close()
     dropped = [line for line in broker_log.read_text(errors="replace").splitlines() if DROPPED in line]
     assert not dropped, f"mosquitto dropped messages: {dropped}"
-    missing = accepted - replied - dead
+    missing = accepted - replied.keys()
     assert not missing, (
-        f"QoS {qos}: {len(missing)} of {len(accepted)} accepted publishes never answered "
+        f"QoS {qos}: {len(missing)} of {len(accepted)} accepted publishes got no reply "
         f"({len(replied)} replies, {len(dead)} dead letters), e.g. {sorted(missing)[:5]}"
     )
-    print(f"QoS {qos}: {len(replied)} replies, {len(dead)} dead letters, statuses {statuses}")
-    assert statuses <= {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"}, statuses
+    # the bridge runs at most 64 calls at once (bridge.yaml max_inflight), under echo's own limit of
+    # 100, and retries a busy or restarting echo for 30 s: every call succeeds, nothing is dead-lettered
+    statuses = Counter(replied.values())
+    assert statuses == {"OK": len(accepted)} and not dead, (f"QoS {qos}", statuses, len(dead))
