@@ -11,9 +11,10 @@ import click
 import grpc
 import yaml
 
+from openfx import defaults, env
 from openfx.cli.aliases import AliasGroup
 from openfx.cli.gateway_client import Gateway, resolve_gateway
-from openfx.cli.token import configured_token_file, read_token
+from openfx.cli.token import configured_token_file, read_token, user_config_path
 from openfx.config import NAME_RE, ConfigError, StackFile, load_stack
 from openfx.function_def import SCALE_AUTO, to_request
 from openfx.pb import fxgateway_pb2 as gpb
@@ -33,8 +34,8 @@ def _load(path: str) -> StackFile:
 
 def _user_config() -> str | None:
     """CLI settings (`openfx:` gateway, token_file, tls_ca): $OPENFX_CONFIG or ~/.openfx/config.yaml."""
-    path = os.environ.get("OPENFX_CONFIG") or str(Path.home() / ".openfx" / "config.yaml")
-    return path if Path(path).is_file() else None
+    path = user_config_path()
+    return str(path) if path.is_file() else None
 
 
 def _gateway(ctx: click.Context, config: str | None = None) -> Gateway:
@@ -53,7 +54,7 @@ def _gateway(ctx: click.Context, config: str | None = None) -> Gateway:
     if token_file is None:
         token_file = configured_token_file()
         token_file = token_file if token_file is not None and token_file.exists() else None
-    token = read_token(token_file) if token_file and not os.environ.get("OPENFX_TOKEN") else None
+    token = read_token(token_file) if token_file and not env.optional("OPENFX_TOKEN") else None
     return Gateway(resolve_gateway(ctx.obj.get("gateway"), config_gateway), token, tls_ca)
 
 
@@ -291,7 +292,7 @@ def _http_base(gw: Gateway) -> str:
     http = (info.get("gateway") or {}).get("http")
     if not http:
         host = gw.address.rpartition(":")[0] or "127.0.0.1"
-        http = f"{host}:31114"
+        http = f"{host}:{defaults.GATEWAY_HTTP_PORT}"
     return f"http://{http}"
 
 

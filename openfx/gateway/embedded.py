@@ -23,7 +23,6 @@ import contextlib
 import itertools
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import grpc
 
+from openfx import env as environ
 from openfx import fn as fn_module
 from openfx import hops, parent, procgroup, readiness
 from openfx.build.images import ImageStore, images_dir, missing_requirements
@@ -423,8 +423,11 @@ class LocalFunction:
     @property
     def workers(self) -> int:
         """Calls one replica runs at once (the watcher's thread pool)."""
-        value = self.definition.env.get("WATCHER_THREADS") or os.environ.get("WATCHER_THREADS", "")
-        return int(value) if value.isdigit() and int(value) > 0 else WATCHER_THREADS
+        try:  # the function's own setting, else the gateway's (a bad one: the replica says why)
+            default = environ.integer("WATCHER_THREADS", WATCHER_THREADS, minimum=1)
+            return environ.integer("WATCHER_THREADS", default, minimum=1, environ=self.definition.env)
+        except environ.EnvError:
+            return WATCHER_THREADS
 
     @property
     def limit_notes(self) -> dict[str, str]:

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from openfx import defaults, framing, procgroup, readiness
+from openfx import env as environ
 from openfx.errors import InvokeError
 from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
@@ -53,20 +54,21 @@ class WatcherSettings:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> WatcherSettings:
-        env = dict(os.environ if env is None else env)
         d = cls()
-        handler_dir = env.get("HANDLER_DIR", "/openfx/handler")
-        port = env.get("WATCHER_PORT", str(defaults.WATCHER_PORT))
+        handler_dir = environ.string("HANDLER_DIR", "/openfx/handler", env)
+        port = environ.integer("WATCHER_PORT", defaults.WATCHER_PORT, minimum=1, environ=env)
         return cls(
-            handler_file=env.get("HANDLER_FILE", f"{handler_dir}/src/handler.py"),
-            handler_name=env.get("HANDLER_NAME", d.handler_name),
-            function_name=env.get("FUNCTION_NAME", d.function_name),
-            address=env.get("WATCHER_ADDR", f"0.0.0.0:{port}"),
-            socket_path=env.get("WATCHER_SOCKET", d.socket_path),
-            lock_file=env.get("LOCK_FILE", d.lock_file),
-            threads=int(env.get("WATCHER_THREADS", d.threads)),
-            max_message_bytes=int(env.get("MAX_MESSAGE_BYTES", d.max_message_bytes)),
-            grace_seconds=float(env.get("WATCHER_GRACE_SECONDS", d.grace_seconds)),
+            handler_file=environ.string("HANDLER_FILE", f"{handler_dir}/src/handler.py", env),
+            handler_name=environ.string("HANDLER_NAME", d.handler_name, env),
+            function_name=environ.string("FUNCTION_NAME", d.function_name, env),
+            address=environ.string("WATCHER_ADDR", f"0.0.0.0:{port}", env),
+            socket_path=environ.string("WATCHER_SOCKET", d.socket_path, env),
+            lock_file=environ.string("LOCK_FILE", d.lock_file, env),
+            threads=environ.integer("WATCHER_THREADS", d.threads, minimum=1, environ=env),
+            max_message_bytes=environ.integer(
+                "MAX_MESSAGE_BYTES", d.max_message_bytes, minimum=1, environ=env
+            ),
+            grace_seconds=environ.number("WATCHER_GRACE_SECONDS", d.grace_seconds, env),
         )
 
     def to_env(self) -> dict[str, str]:
