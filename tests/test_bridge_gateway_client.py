@@ -115,9 +115,10 @@ def test_a_gateway_that_never_answers_is_cut_off_by_the_watchdog() -> None:
 
 
 def test_stopping_cancels_a_call_instead_of_answering_it() -> None:
-    release = asyncio.Event()
+    release, reached = asyncio.Event(), asyncio.Event()
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        reached.set()  # the request is on the server: the call is in flight
         await release.wait()
         return web.Response()
 
@@ -125,7 +126,8 @@ def test_stopping_cancels_a_call_instead_of_answering_it() -> None:
         runner, url = await serve(handler)
         gateway = HttpGateway(BridgeConfig(gateway_http=url))
         call = asyncio.create_task(gateway.invoke("x", b"", "fn/x"))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(reached.wait(), 10)
+        assert gateway._calls  # tracked while in flight, so the check below can fail
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call

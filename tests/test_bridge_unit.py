@@ -346,8 +346,10 @@ async def test_stop_waits_for_in_flight_work_within_its_grace() -> None:
     h = Harness(Gateway(ok(b"x")), [])
     await h.receive(message("fn/echo"))
     stopping = asyncio.create_task(h.bridge.stop(grace=30))
-    await asyncio.sleep(0.05)
-    assert not stopping.done() and h.bridge.stopping  # the reply is not acknowledged yet
+    await asyncio.sleep(0)  # one loop turn: the stop task runs up to its wait for idleness
+    assert h.bridge.stopping  # it has started
+    # and it waits for an idleness the bridge has not reached: the reply is not acknowledged yet
+    assert not h.bridge._idle.is_set() and not stopping.done()
     puback_all(h.bridge, h.client)
     await asyncio.wait_for(stopping, 10)
     assert h.client.acked == [(7, 1)]
