@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from openfx.errors import InvokeError
 from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
+from openfx.watcher import loader
 from openfx.watcher.loader import HandlerLoadError, load_handler
 from openfx.watcher.runtime import FunctionRuntime
 from openfx.watcher.server import WatcherSettings
@@ -30,19 +31,24 @@ def test_load_function_and_class_handlers() -> None:
     assert instance(wpb.Request(input=b"a")) == "1:a" and instance(wpb.Request(input=b"b")) == "2:b"
 
 
+def load_error(path: Path, kind: str, match: str) -> None:
+    """Loading fails with this kind (what `fn info` names) and a message matching `match`."""
+    with pytest.raises(HandlerLoadError, match=match) as failure:
+        load_handler(path)
+    assert failure.value.kind == kind, (failure.value.kind, str(failure.value))
+
+
 def test_load_errors_say_what_was_found(tmp_path: Path) -> None:
-    with pytest.raises(HandlerLoadError, match="not found"):
-        load_handler(tmp_path / "missing.py")
-    with pytest.raises(HandlerLoadError, match="ModuleNotFoundError"):
-        load_handler(FN / "badimport/src/handler.py")
+    load_error(tmp_path / "missing.py", loader.FILE_MISSING, "^handler file not found: ")
+    load_error(FN / "badimport/src/handler.py", loader.IMPORT_ERROR, "ModuleNotFoundError")
     (tmp_path / "h.py").write_text("def handle(req):\n    return 1\n")
-    with pytest.raises(HandlerLoadError, match="should define 'Handler'; found: handle"):
-        load_handler(tmp_path / "h.py")
+    load_error(tmp_path / "h.py", loader.NOT_FOUND, "should define 'Handler'; found: handle")
     (tmp_path / "c.py").write_text(
         "class Handler:\n    def __init__(self):\n        raise OSError('no model')\n"
     )
-    with pytest.raises(HandlerLoadError, match=r"Handler.__init__ failed: OSError: no model"):
-        load_handler(tmp_path / "c.py")
+    load_error(tmp_path / "c.py", loader.INIT_FAILED, r"Handler.__init__ failed: OSError: no model")
+    (tmp_path / "s.py").write_text("def Handler(req)\n    return 1\n")
+    load_error(tmp_path / "s.py", loader.SYNTAX_ERROR, r"^s.py:1: ")
 
 
 def test_runtime_maps_results_and_exceptions() -> None:
@@ -296,17 +302,12 @@ def test_loader_details(tmp_path: Path) -> None:
     assert _sys.path.count(str(tmp_path)) == 1  # added once
     assert "openfx_handler_h" in _sys.modules
     (tmp_path / "n.py").write_text("Handler = 42\n")
-    with pytest.raises(HandlerLoadError, match=r"^Handler in n.py is a int, not callable$"):
-        load_handler(tmp_path / "n.py")
+    load_error(tmp_path / "n.py", loader.NOT_CALLABLE, r"^Handler in n.py is a int, not callable$")
     (tmp_path / "empty.py").write_text("X = 1\n_private = print\n")
-    with pytest.raises(HandlerLoadError, match=r"^empty.py should define 'Handler'; found: nothing$"):
-        load_handler(tmp_path / "empty.py")
+    load_error(tmp_path / "empty.py", loader.NOT_FOUND, r"^empty.py should define 'Handler'; found: nothing$")
     (tmp_path / "two.py").write_text("def b(req): pass\ndef a(req): pass\n")
-    with pytest.raises(HandlerLoadError, match=r"^two.py should define 'Handler'; found: a, b$"):
-        load_handler(tmp_path / "two.py")
+    load_error(tmp_path / "two.py", loader.NOT_FOUND, r"^two.py should define 'Handler'; found: a, b$")
     assert load_handler(tmp_path / "two.py", name="a")(None) is None  # another name
     (tmp_path / "boom.py").write_text("raise OSError('at import')\n")
-    with pytest.raises(HandlerLoadError, match=r"boom.py.*OSError: at import$"):
-        load_handler(tmp_path / "boom.py")
-    with pytest.raises(HandlerLoadError, match=r"^handler file not found: "):
-        load_handler(tmp_path)  # a folder is not a handler file
+    load_error(tmp_path / "boom.py", loader.IMPORT_ERROR, r"boom.py.*OSError: at import$")
+    load_error(tmp_path, loader.FILE_MISSING, r"^handler file not found: ")  # a folder is not a handler file
