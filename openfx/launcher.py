@@ -19,7 +19,14 @@ import uvloop
 
 from openfx import readiness
 from openfx.config import ConfigError, StackFile, load_stack
-from openfx.gateway.app import Gateway, GatewaySettings, add_arguments, configure_logging, settings_from
+from openfx.gateway.app import (
+    Gateway,
+    GatewaySettings,
+    StartError,
+    add_arguments,
+    configure_logging,
+    settings_from,
+)
 from openfx.state import state_dir
 from openfx.triggers import KINDS, PlatformContext, Trigger, TriggerError
 
@@ -74,9 +81,9 @@ async def run(stack_path: Path, stack: StackFile, settings: GatewaySettings, sta
             await trigger.prepare()
             started.append(trigger)
         await gateway.start()
-    except (TriggerError, OSError) as exc:
-        _say(str(exc))
+    except (TriggerError, OSError, StartError) as exc:
         await _stop(started, gateway)
+        _say(str(exc))  # last, so `up -d`'s log tail ends with it
         return 1
     not_ready = await gateway.wait_ready()
     try:

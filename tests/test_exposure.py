@@ -19,6 +19,7 @@ import requests
 from google.protobuf import json_format
 
 from openfx.pb import fxgateway_pb2 as gpb
+from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
 from tests.conftest import (
     ADMIN_HEADERS,
     ADMIN_TOKEN,
@@ -26,6 +27,7 @@ from tests.conftest import (
     READY_FUNCTIONS,
     ROOT,
     RunningGateway,
+    eventually,
     free_port,
     start_gateway,
 )
@@ -277,14 +279,53 @@ def test_allowed_hosts_and_origins(tmp_path: Path) -> None:
         gw.stop()
 
 
-def _start_and_fail(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _start_and_fail(
+    *args: str, env: dict[str, str] | None = None, module: str = "openfx.gateway", stack: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module>` with a stack (else no functions) and a clean environment."""
+    what = ["-f", str(stack)] if stack else ["--no-functions"]
     return subprocess.run(
-        [sys.executable, "-m", "openfx.gateway", "--no-functions", *args],
+        [sys.executable, "-m", module, *what, *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         env={**{k: v for k, v in os.environ.items() if not k.startswith("OPENFX_")}, **(env or {})},
     )
+
+
+STARTERS = [("openfx.gateway", "gateway"), ("openfx.launcher", "platform")]  # and their log prefix
+
+
+def _free_listeners() -> tuple[str, ...]:
+    return ("--grpc", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}", "--console", "")
+
+
+@pytest.mark.parametrize(("module", "prefix"), STARTERS)
+def test_a_bad_function_in_the_stack_stops_the_start_in_one_line(module: str, prefix: str) -> None:
+    """Start-up deploys answer as Deploy does: one line naming the function, exit 1, no traceback
+    (the echo started before it is stopped with the gateway)."""
+    with shared_tmp() as folder:
+        missing, stack = folder / "missing", folder / "stack.yaml"
+        stack.write_text(
+            f"include: [{ROOT / 'functions' / 'echo' / 'config.yaml'}]\n"
+            f"functions:\n  broken:\n    handler: {{dir: {missing}}}\n"
+        )
+        extra = ("--no-mqtt",) if module == "openfx.launcher" else ()
+        out = _start_and_fail(*_free_listeners(), *extra, module=module, stack=stack)
+    line = f"{prefix}: cannot start function broken of the stack file: source folder {missing} does not exist"
+    assert out.returncode == 1 and out.stderr.splitlines()[-1] == line, out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("broken") == 1
+
+
+@pytest.mark.parametrize(("module", "prefix"), STARTERS)
+def test_a_function_user_that_does_not_exist_is_refused_in_one_line(module: str, prefix: str) -> None:
+    echo = ROOT / "functions" / "echo" / "config.yaml"
+    nobody = ("--function-user", "no-such-user-xyz")
+    out = _start_and_fail(*_free_listeners(), *nobody, module=module, stack=echo)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines() == [
+        f"{prefix}: function user 'no-such-user-xyz' does not exist (scripts/function-user makes openfx-fn)"
+    ]
 
 
 def test_open_management_is_explicit_and_loopback_only(tmp_path: Path) -> None:
@@ -310,6 +351,36 @@ def test_open_management_is_explicit_and_loopback_only(tmp_path: Path) -> None:
         assert echo_works(gw)
     finally:
         gw.stop()
+
+
+def test_up_open_management_lets_anyone_local_deploy(tmp_path: Path) -> None:
+    """`openfx-cli up -d --open-management`, as KETI's CLI users start it: no token is made, an
+    anonymous Deploy works, a loud warning is printed; then `down`."""
+    stack = tmp_path / "openfx.yaml"
+    stack.write_text(f"include: [{ROOT / 'functions' / 'echo' / 'config.yaml'}]\n")
+    user_config = tmp_path / "home" / "config.yaml"
+    env = {**os.environ, "OPENFX_HOME": str(tmp_path / "state"), "OPENFX_CONFIG": str(user_config)}
+    grpc_address = f"127.0.0.1:{free_port()}"
+    where = ["--grpc", grpc_address, "--http", f"127.0.0.1:{free_port()}", "--console", "", "--no-mqtt"]
+    cli = str(Path(sys.executable).parent / "openfx-cli")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([cli, *args], capture_output=True, text=True, timeout=180, env=env)
+
+    up = run("up", "-d", "-f", str(stack), "--open-management", *where)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "WARNING: --open-management" in up.stderr and not user_config.with_name("token").exists()
+        with grpc.insecure_channel(grpc_address) as channel:
+            anonymous = gpb_grpc.FxGatewayStub(channel)
+            assert anonymous.Deploy(deploy_request("opened"), timeout=60).Msg == b"OK"
+            invoke = gpb.InvokeServiceRequest(Service="opened", Input=b"x")
+            assert eventually(lambda: anonymous.Invoke(invoke, timeout=10).Msg, "opened answers")
+            echo = gpb.InvokeServiceRequest(Service="echo", Input=b"still here")
+            assert anonymous.Invoke(echo, timeout=10).Msg == b"still here"
+    finally:
+        down = run("down", "-f", str(stack))
+    assert down.returncode == 0 and down.stdout == "OpenFx is down.\n", down.stderr
 
 
 def test_slow_headers_and_bodies_are_cut_off(plain: RunningGateway) -> None:

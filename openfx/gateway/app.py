@@ -25,6 +25,7 @@ from openfx import defaults
 from openfx import env as environ
 from openfx.config import ConfigError, StackFile
 from openfx.console.server import build_console
+from openfx.errors import InvokeError
 from openfx.function_def import FunctionDef, to_request
 from openfx.gateway.auth import ANY, INVOKE, MANAGE, AuthInterceptor, TokenStore, is_loopback
 from openfx.gateway.embedded import EmbeddedBackend
@@ -381,7 +382,11 @@ class Gateway:
         await self.backend.start()
         if self.stack is not None and self.backend.mode == "embedded":
             for name, spec in self.stack.functions.items():
-                await self.backend.deploy(FunctionDef.from_request(to_request(name, spec)))
+                try:
+                    await self.backend.deploy(FunctionDef.from_request(to_request(name, spec)))
+                except InvokeError as exc:  # the stack's fault, not a crash: one line, no traceback
+                    reason = exc.message.removeprefix(f"{name}: ")
+                    raise StartError(f"cannot start function {name} of the stack file: {reason}") from None
         self.invoker.starting = False
         for service in ("", "pb.FxGateway", "pb.Gateway"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -427,6 +432,11 @@ class Gateway:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+class StartError(Exception):
+    """A start that cannot go on for a reason the user can fix (a bad function in the stack file):
+    said in one line, the gateway exits non-zero."""
+
+
 async def serve(settings: GatewaySettings, stack: StackFile | None, announce: bool = True) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     try:
@@ -440,9 +450,9 @@ async def serve(settings: GatewaySettings, stack: StackFile | None, announce: bo
         loop.add_signal_handler(sig, stop.set)
     try:
         await gateway.start()
-    except OSError as exc:
-        log.error("gateway: %s", exc)
-        await gateway.stop()
+    except (OSError, StartError) as exc:
+        await gateway.stop()  # the functions started before the failure go too
+        log.error("gateway: %s", exc)  # last, so `up -d`'s log tail ends with it
         raise SystemExit(1) from None
     if announce:
         waiter = loop.create_task(gateway.wait_ready())

@@ -62,10 +62,23 @@ def command(argv: list[str], user: FunctionUser | None, cgroup_procs: list[str])
     return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, uid, gid, "\n".join(cgroup_procs), *argv]
 
 
+def _account(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(
+            f"function user {name!r} does not exist (scripts/function-user makes openfx-fn)"
+        ) from None
+
+
 def function_user(setting: str | None) -> FunctionUser | None:
     """The user replicas run as, or None for the gateway's own (always None unless root).
-    ValueError for a named user that does not exist."""
-    if os.geteuid() != 0 or setting == "":
+    ValueError for a named user that does not exist, root or not: a typo must not pass unseen."""
+    if setting == "":
+        return None
+    if setting is not None:
+        _account(setting)
+    if os.geteuid() != 0:
         return None
     name = setting
     if name is None:
@@ -74,12 +87,7 @@ def function_user(setting: str | None) -> FunctionUser | None:
             name = DEFAULT_USER
         except KeyError:
             name = FALLBACK_USER
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise ValueError(
-            f"function user {name!r} does not exist (scripts/function-user makes openfx-fn)"
-        ) from None
+    entry = _account(name)
     if entry.pw_uid == 0:
         return None
     return FunctionUser(name, entry.pw_uid, entry.pw_gid)
