@@ -215,9 +215,19 @@ def stack_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningG
         gw.stop()
 
 
-# Groups that take minutes (the Spark-bearing session stack, fuzzing, fault and reliability runs):
-# marked `slow`, so `pytest -m "not slow"` runs the rest in a few minutes; CI runs everything.
-SLOW_MODULES = ("tests/test_fuzz.py", "tests/test_bridge_reliability.py", "tests/test_streaming.py")
+# Groups that take minutes (the Spark-bearing session stack, fuzzing, fault and reliability runs)
+# or over ~10 s each (bench smoke runs, MQTT floods, broker TLS, Prometheus, the console in
+# Chromium): marked `slow`, so `pytest -m "not slow"` runs the rest; CI runs everything.
+SLOW_MODULES = (
+    "tests/test_fuzz.py",
+    "tests/test_bridge_reliability.py",
+    "tests/test_streaming.py",
+    "tests/test_benches.py",
+    "tests/test_bridge_flood.py",
+    "tests/test_bridge_auth_tls.py",
+    "tests/test_prometheus.py",
+    "tests/test_console.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
