@@ -225,7 +225,8 @@ SLOW_MODULES = (
     "tests/test_benches.py",
     "tests/test_bridge_flood.py",
     "tests/test_bridge_auth_tls.py",
-    "tests/test_prometheus.py",
+    "tests/test_prometheus.py::test_prometheus_scrapes",  # not its bucket unit test
+    "tests/test_prometheus.py::test_console_quantiles",
     "tests/test_console.py",
 )
 

@@ -21,13 +21,14 @@ import requests
 import yaml
 
 from openfx import readiness
+from openfx.gateway.metrics import GatewayMetrics
 from openfx.k8s.observability import dashboard_queries, embedded_prometheus_config
 from tests.conftest import ADMIN_TOKEN_FILE, FIXTURES, ROOT, free_port
 from tests.mqtt_helpers import Device
 from tests.test_triggers import ticks_file
 
 PROMETHEUS = shutil.which("prometheus")
-pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="needs Debian's prometheus package")
+needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="needs Debian's prometheus package")
 DASHBOARD = ROOT / "deploy" / "grafana" / "openfx-gateway.json"
 
 
@@ -155,6 +156,7 @@ def real_calls(platform: dict[str, str]) -> None:
         device.close()
 
 
+@needs_prometheus
 def test_prometheus_scrapes_the_platform_and_the_dashboard_returns_data(
     platform: dict[str, str], prometheus: str
 ) -> None:
@@ -187,6 +189,7 @@ def test_prometheus_scrapes_the_platform_and_the_dashboard_returns_data(
         wait_until(lambda e=expr: query(prometheus, e), f"data for {expr}")
 
 
+@needs_prometheus
 def test_console_quantiles_match_prometheus(platform: dict[str, str], prometheus: str) -> None:
     """The console's p50/p99 (computed in the gateway from the same buckets) agree with PromQL's
     histogram_quantile over the same counts, once Prometheus has scraped echo's last call (echo is
@@ -214,3 +217,19 @@ def test_console_quantiles_match_prometheus(platform: dict[str, str], prometheus
         )
         promql = float(query(prometheus, expr)[0]["value"][1]) * 1000
         assert row[key] == pytest.approx(promql, rel=1e-3, abs=1e-3), (key, row, promql)
+
+
+def test_latency_buckets_resolve_sub_millisecond_calls() -> None:
+    """An echo through the embedded backend takes a fraction of a millisecond: with Prometheus's
+    default buckets (5 ms first) every such call would share one bucket and p50/p99 would say
+    nothing. A call of 0.3 ms lands in le=0.0005 and not in le=0.00025, as /metrics shows it."""
+    metrics = GatewayMetrics()
+    metrics.observe("echo", 200, 0.0003, trigger="http")
+    buckets = {
+        line.split('le="', 1)[1].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.render().decode().splitlines()
+        if line.startswith('gateway_functions_seconds_bucket{function_name="echo",')
+        and 'trigger="http"' in line
+    }
+    assert buckets["0.0001"] == buckets["0.00025"] == 0
+    assert buckets["0.0005"] == buckets["0.001"] == buckets["+Inf"] == 1
