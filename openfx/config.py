@@ -4,17 +4,31 @@ The schema is OpenFx's (openfx-cli's config.yaml); keys we add (timeout,
 max_inflight, replicas, include) are additions, never renames. An unknown key is
 a one-line error naming the key and the file, because a typo silently ignored is
 a function deployed without its setting.
+
+Trigger kinds bring keys of their own (`mqtt:` in the stack file, `schedule:` in a function's
+config): each kind declares them as models in openfx/triggers (`Trigger.stack_key`/`stack_model`,
+`Trigger.function_keys`), and `load_stack` validates with `FunctionSpec` and `StackFile` extended
+by every kind in `KINDS`, so adding a kind needs no edit here.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from openfx import defaults
 
@@ -29,17 +43,19 @@ class ConfigError(Exception):
     """A config file is missing, unreadable or invalid; the message is one line."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Every model of a config file, trigger kinds' included: an unknown key is an error."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class HandlerSpec(_Strict):
+class HandlerSpec(Strict):
     dir: str = "./src"
     file: str = "handler.py"
     name: str = "Handler"
 
 
-class Resources(_Strict):
+class Resources(Strict):
     memory: str = ""
     cpu: str = ""
     gpu: str = ""
@@ -56,7 +72,7 @@ def _seconds(value: Any) -> float:
     return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
 
 
-class FunctionSpec(_Strict):
+class FunctionSpec(Strict):
     runtime: str = "python3"
     desc: str = ""
     maintainer: str = ""
@@ -85,9 +101,7 @@ class FunctionSpec(_Strict):
     scale_to_zero_after: float = 0.0  # idle this long -> zero replicas (0: never)
     stable_window: float = STABLE_WINDOW  # load this long under the target before scaling down
     max_request_bytes: int = Field(default=0, ge=0)  # 0: only the gateway-wide limit
-    schedule: str | None = None  # cron ("*/5 * * * *"; a sixth field counts seconds): the schedule trigger
-    schedule_input: str = ""  # the input each scheduled run gets
-    schedule_enabled: bool = True
+    # each trigger kind's keys (schedule, ...) come from its Trigger.function_keys: see function_spec_model
 
     # filled in by the loader: the folder the config file lives in
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -127,15 +141,6 @@ class FunctionSpec(_Strict):
     def max_count(self) -> int:
         return max(self.max_replicas or self.replicas, self.min_count, 1)
 
-    @field_validator("schedule")
-    @classmethod
-    def _valid_cron(cls, value: str | None) -> str | None:
-        from croniter import croniter
-
-        if value is not None and not croniter.is_valid(value):
-            raise ValueError(f"not a cron expression: {value!r} (e.g. '*/5 * * * *')")
-        return value
-
     @field_validator("environment", mode="before")
     @classmethod
     def _stringify_env(cls, value: Any) -> Any:
@@ -157,27 +162,49 @@ class FunctionSpec(_Strict):
         return self.handler_dir.parent
 
 
-class GatewaySpec(_Strict):
+class GatewaySpec(Strict):
     gateway: str = DEFAULT_GATEWAY
     token_file: str | None = None  # a file holding the CLI's bearer token (never the token itself)
     tls_ca: str | None = None  # CA certificate to reach a gateway over TLS
 
 
-class MqttSpec(_Strict):
-    """The embedded platform's broker and bridge (an addition to the openfx-cli schema)."""
-
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(default=defaults.MQTT_PORT, ge=0, le=65535)
-    persistence: bool = True
-    bridge: str = "broker/bridge.yaml"  # relative to the stack file
-
-
-class StackFile(_Strict):
+class StackFile(Strict):
     functions: dict[str, FunctionSpec] = Field(default_factory=dict)
     openfx: GatewaySpec = Field(default_factory=GatewaySpec)
     include: list[str] = Field(default_factory=list)
-    mqtt: MqttSpec | None = None
+    # each trigger kind's key (mqtt, ...) comes from its Trigger.stack_key: see stack_file_model
+
+    if TYPE_CHECKING:  # so `stack.mqtt` type-checks: the kinds' keys are added at run time
+
+        def __getattr__(self, name: str) -> Any: ...
+
+
+def _trigger_kinds() -> tuple[Any, ...]:
+    """The registered trigger kinds, imported late: their modules import this one for its models."""
+    from openfx.triggers import KINDS
+
+    return tuple(KINDS.values())
+
+
+@functools.lru_cache(maxsize=8)
+def _models(kinds: tuple[Any, ...]) -> tuple[type[FunctionSpec], type[StackFile]]:
+    keys = tuple(kind.function_keys for kind in kinds if kind.function_keys is not None)
+    function = create_model("FunctionSpec", __base__=(FunctionSpec, *keys), __module__=__name__)
+    stack_keys: dict[str, Any] = {
+        kind.stack_key: (kind.stack_model | None, None) for kind in kinds if kind.stack_key is not None
+    }
+    stack = create_model("StackFile", __base__=StackFile, __module__=__name__, **stack_keys)
+    return function, stack
+
+
+def function_spec_model() -> type[FunctionSpec]:
+    """FunctionSpec with every trigger kind's per-function keys (a subclass of each kind's model)."""
+    return _models(_trigger_kinds())[0]
+
+
+def stack_file_model() -> type[StackFile]:
+    """StackFile with every trigger kind's stack-file key (None when the file leaves it out)."""
+    return _models(_trigger_kinds())[1]
 
 
 def yaml_error(path: Path | str, exc: yaml.YAMLError) -> ConfigError:
@@ -237,12 +264,13 @@ def load_stack(path: str | Path) -> StackFile:
             raw_functions[name] = (_merge(base, spec or {}), folder)
         else:
             raw_functions[name] = (spec or {}, path.parent)
+    function_model = function_spec_model()
     try:
-        stack = StackFile.model_validate({**data, "functions": {}})
+        stack = stack_file_model().model_validate({**data, "functions": {}})
         for name, (spec, folder) in raw_functions.items():
             if not NAME_RE.match(name):
                 raise ConfigError(f"{path}: function name {name!r} must match {NAME_RE.pattern}")
-            stack.functions[name] = FunctionSpec.model_validate({**spec, "base_dir": folder})
+            stack.functions[name] = function_model.model_validate({**spec, "base_dir": folder})
     except ValidationError as exc:
         raise _explain(path, exc) from None
     for name, fn in stack.functions.items():

@@ -28,9 +28,6 @@ HANDLER_NAME = "openfx.handler.name"
 TIMEOUT = "openfx.timeout"
 MAX_INFLIGHT = "openfx.max_inflight"
 MAX_REQUEST_BYTES = "openfx.max_request_bytes"
-SCHEDULE = "openfx.schedule"
-SCHEDULE_INPUT = "openfx.schedule.input"
-SCHEDULE_ENABLED = "openfx.schedule.enabled"
 # autoscaling (MinReplicas/MaxReplicas carry the bounds): the starting count and the autoscaler's knobs
 REPLICAS = "openfx.replicas"
 CONCURRENCY_TARGET = "openfx.concurrency_target"
@@ -85,6 +82,8 @@ def _check_handler(file: str, name: str) -> None:
 
 
 def to_request(name: str, spec: FunctionSpec) -> gpb.CreateFunctionRequest:
+    from openfx import triggers  # late, here and in from_request: the schedule trigger imports us
+
     annotations = {
         SOURCE: str(spec.handler_dir),
         HANDLER_FILE: spec.handler.file,
@@ -94,10 +93,7 @@ def to_request(name: str, spec: FunctionSpec) -> gpb.CreateFunctionRequest:
     }
     if spec.max_request_bytes:
         annotations[MAX_REQUEST_BYTES] = str(spec.max_request_bytes)
-    if spec.schedule:
-        annotations[SCHEDULE] = spec.schedule
-        annotations[SCHEDULE_INPUT] = spec.schedule_input
-        annotations[SCHEDULE_ENABLED] = "true" if spec.schedule_enabled else "false"
+    annotations.update(triggers.function_annotations(spec))  # a schedule, ...
     if spec.max_count > spec.min_count or spec.scale_to_zero_after:
         annotations[REPLICAS] = str(spec.replicas)
         annotations[CONCURRENCY_TARGET] = repr(spec.concurrency_target)
@@ -157,6 +153,8 @@ class FunctionDef:
 
     @classmethod
     def from_request(cls, req: gpb.CreateFunctionRequest) -> FunctionDef:
+        from openfx import triggers
+
         bad = grpc.StatusCode.INVALID_ARGUMENT
         if not NAME_RE.match(req.Service):
             raise InvokeError(
@@ -184,11 +182,8 @@ class FunctionDef:
         check_replicas(req.MaxReplicas, "MaxReplicas")
         _check_env(dict(req.EnvVars))
         _check_handler(ann.get(HANDLER_FILE, "handler.py"), ann.get(HANDLER_NAME, "Handler"))
-        if ann.get(SCHEDULE):
-            from croniter import croniter
-
-            if not croniter.is_valid(ann[SCHEDULE]):
-                raise InvokeError(bad, f"{SCHEDULE}: not a cron expression: {ann[SCHEDULE][:80]!r}")
+        if problem := triggers.annotation_problem(ann):
+            raise InvokeError(bad, problem)
         if starting is not None:
             check_replicas(starting, REPLICAS)
         source = ann.get(SOURCE)

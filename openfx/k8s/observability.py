@@ -1,10 +1,12 @@
-"""Prometheus scrape configs (Kubernetes, and the embedded platform on one machine) and a Grafana
+"""Prometheus scrape configs (Kubernetes, and the embedded platform on one machine: the gateway and
+each trigger process with /metrics of its own, from openfx.triggers.scrape_targets) and a Grafana
 dashboard for the gateway's and the MQTT bridge's metrics. Every PromQL expression here is
 evaluated against a real Prometheus by tests/test_prometheus.py, so the dashboard cannot ship a
 query that returns nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from openfx.k8s.manifests import GATEWAY_NAMESPACE
@@ -36,21 +38,21 @@ def prometheus_config(namespace: str = GATEWAY_NAMESPACE) -> dict[str, Any]:
 
 
 def embedded_prometheus_config(
-    gateway_http: str, bridge_metrics: str | None = None, interval: str = "5s"
+    gateway_http: str, triggers: Mapping[str, str] | str | None = None, interval: str = "5s"
 ) -> dict[str, Any]:
-    """`openfx-cli up --monitoring`: the gateway's /metrics (functions, schedules, auth) and the MQTT
-    bridge's own /metrics (a separate process, broker/bridge.yaml's metrics_address)."""
-    jobs: list[dict[str, Any]] = [
-        {"job_name": "fxgateway", "metrics_path": "/metrics", "static_configs": [{"targets": [gateway_http]}]}
+    """`openfx-cli up --monitoring`: the gateway's /metrics (functions, schedules, auth) and those of
+    the trigger processes, `triggers` (job name -> host:port: openfx.triggers.scrape_targets). A bare
+    address is the MQTT bridge's, the form `openfx-cli up` passes."""
+    if isinstance(triggers, str):
+        from openfx.triggers.mqtt import SCRAPE_JOB
+
+        triggers = {SCRAPE_JOB: triggers}
+    targets = {"fxgateway": gateway_http, **(triggers or {})}
+    jobs = [
+        {"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": [address]}]}
+        for job, address in targets.items()
+        if address
     ]
-    if bridge_metrics:
-        jobs.append(
-            {
-                "job_name": "mqtt-bridge",
-                "metrics_path": "/metrics",
-                "static_configs": [{"targets": [bridge_metrics]}],
-            }
-        )
     return {"global": {"scrape_interval": interval, "evaluation_interval": interval}, "scrape_configs": jobs}
 
 

@@ -7,6 +7,12 @@ the same way, and each calls functions only through the gateway, saying who it i
 metadata so the handler sees `req.info.Trigger.Name` and the gateway's limits, auth and metrics
 apply as to any caller. Every kind counts `trigger_invocations_total{trigger,function_name,code}`
 with the gateway's label names and codes (the HTTP status the outcome maps to).
+
+A kind also declares what it adds around the platform, so that nothing outside this package names
+it: its stack-file key and per-function config keys (pydantic models, which openfx/config.py
+merges into the formats it validates), how those function keys travel in a Deploy (annotations)
+and are checked when one arrives, and the /metrics endpoints of its own processes (what
+Prometheus scrapes besides the gateway).
 """
 
 from __future__ import annotations
@@ -18,15 +24,16 @@ import logging
 import signal
 import subprocess
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter
+from pydantic import BaseModel
 
-from openfx.config import StackFile
+from openfx.config import FunctionSpec, StackFile
 from openfx.errors import http_status
 
 # gRPC metadata (or HTTP headers) a trigger sets on its call: the handler's req.info.Trigger.Name
@@ -88,9 +95,16 @@ class PlatformContext:
 
 
 class Trigger(abc.ABC):
-    """One kind of trigger. Subclasses set `kind` and implement the four methods."""
+    """One kind of trigger. Subclasses set `kind` and implement the four methods; the class
+    attributes and class methods after them are optional (a kind without keys leaves them be)."""
 
     kind: ClassVar[str]
+    # `<stack_key>: {...}` in the stack file, validated by stack_model (openfx.yaml's `mqtt:`)
+    stack_key: ClassVar[str | None] = None
+    stack_model: ClassVar[type[BaseModel] | None] = None
+    # keys of a function's config (`schedule:`): a model (derive from openfx.config.Strict) whose
+    # fields FunctionSpec gains; the spec load_stack returns is an instance of it
+    function_keys: ClassVar[type[BaseModel] | None] = None
 
     def __init__(self) -> None:
         self.ready = asyncio.Event()  # set once the trigger delivers events (subscribed, scheduled)
@@ -114,6 +128,29 @@ class Trigger(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> str:
         """One phrase for the platform's ready line, e.g. 'mqtt 127.0.0.1:1883 (topic fn/<function>)'."""
+
+    @classmethod
+    def stack_spec(cls, stack: StackFile) -> Any:
+        """This kind's section of the stack file (a `stack_model`), or None when it is absent."""
+        return getattr(stack, cls.stack_key, None) if cls.stack_key else None
+
+    @classmethod
+    def annotations(cls, spec: FunctionSpec) -> dict[str, str]:
+        """A function's keys of this kind as Deploy annotations (`openfx.<kind>...`): a Deploy
+        has no fields for them, and the gateway (or this trigger, reading its function list)
+        finds them there. Only called with a spec holding `function_keys`' fields."""
+        return {}
+
+    @classmethod
+    def check_annotations(cls, annotations: Mapping[str, str]) -> str | None:
+        """What is wrong with this kind's annotations on a Deploy (a client may send any), or None."""
+        return None
+
+    @classmethod
+    def scrape_targets(cls, stack: StackFile, stack_path: Path) -> dict[str, str]:
+        """Prometheus job name -> host:port of the /metrics of this kind's own processes, for the
+        stack file's platform (metrics counted in the gateway need nothing: it is scraped anyway)."""
+        return {}
 
 
 class TriggerError(Exception):

@@ -7,17 +7,34 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
-from openfx import readiness
+from pydantic import Field
+
+from openfx import defaults, readiness
 from openfx.bridge import mosquitto
-from openfx.config import MqttSpec
+from openfx.config import StackFile, Strict
 from openfx.triggers.base import PlatformContext, Trigger, TriggerError, supervise
 
 BRIDGE_READY_SECONDS = 20.0
+SCRAPE_JOB = "mqtt-bridge"  # the bridge's own /metrics (bridge.yaml's metrics_address)
+
+
+class MqttSpec(Strict):
+    """The stack file's `mqtt:`: the embedded platform's broker and bridge (an addition to the
+    openfx-cli schema)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=defaults.MQTT_PORT, ge=0, le=65535)
+    persistence: bool = True
+    bridge: str = "broker/bridge.yaml"  # relative to the stack file
 
 
 class MqttTrigger(Trigger):
     kind = "mqtt"
+    stack_key = "mqtt"
+    stack_model = MqttSpec
 
     def __init__(self, context: PlatformContext, spec: MqttSpec) -> None:
         super().__init__()
@@ -30,8 +47,22 @@ class MqttTrigger(Trigger):
 
     @classmethod
     def from_stack(cls, context: PlatformContext) -> MqttTrigger | None:
-        spec = context.stack.mqtt
+        spec = cls.stack_spec(context.stack)
         return cls(context, spec) if spec is not None and spec.enabled else None
+
+    @classmethod
+    def scrape_targets(cls, stack: StackFile, stack_path: Path) -> dict[str, str]:
+        """The bridge's metrics_address, when the stack runs a bridge and its config names one."""
+        from openfx.bridge.config import load_bridge_config
+
+        spec = cls.stack_spec(stack)
+        if spec is None or not spec.enabled:
+            return {}
+        try:
+            config = load_bridge_config(stack_path.resolve().parent / spec.bridge)
+        except Exception:  # a broken bridge config: the platform reports it when it starts the bridge
+            return {}
+        return {SCRAPE_JOB: config.metrics_address} if config.metrics_address else {}
 
     def _start_broker(self) -> subprocess.Popen[bytes]:
         spec = self.spec

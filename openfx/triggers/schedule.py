@@ -16,15 +16,18 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
 from croniter import croniter
 from prometheus_client import Counter
+from pydantic import field_validator
 
 from openfx import defaults
 from openfx.client_channel import aio_gateway_channel, bearer
-from openfx.function_def import SCHEDULE, SCHEDULE_ENABLED, SCHEDULE_INPUT, TIMEOUT
+from openfx.config import FunctionSpec, Strict
+from openfx.function_def import TIMEOUT
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
 from openfx.triggers.base import TOPIC_KEY, TRIGGER_KEY, PlatformContext, Trigger, encode_topic
@@ -32,6 +35,25 @@ from openfx.triggers.base import TOPIC_KEY, TRIGGER_KEY, PlatformContext, Trigge
 log = logging.getLogger("openfx.platform")
 REFRESH_SECONDS = 2.0
 MAX_COUNTED_MISSES = 1_000_000  # a schedule down for years is not counted tick by tick
+# how a function's schedule travels in its Deploy (and shows in `fn info`)
+SCHEDULE = "openfx.schedule"
+SCHEDULE_INPUT = "openfx.schedule.input"
+SCHEDULE_ENABLED = "openfx.schedule.enabled"
+
+
+class ScheduleKeys(Strict):
+    """A function config's keys for this trigger."""
+
+    schedule: str | None = None  # cron ("*/5 * * * *"; a sixth field counts seconds)
+    schedule_input: str = ""  # the input each scheduled run gets
+    schedule_enabled: bool = True
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"not a cron expression: {value!r} (e.g. '*/5 * * * *')")
+        return value
 
 
 @dataclass(frozen=True)
@@ -53,6 +75,7 @@ def ticks_between(cron: str, after: float, until: float) -> int:
 
 class ScheduleTrigger(Trigger):
     kind = "schedule"
+    function_keys = ScheduleKeys
 
     def __init__(self, context: PlatformContext) -> None:
         super().__init__()
@@ -75,6 +98,21 @@ class ScheduleTrigger(Trigger):
     def from_stack(cls, context: PlatformContext) -> ScheduleTrigger:
         """Always on: a function deployed later may bring a schedule of its own."""
         return cls(context)
+
+    @classmethod
+    def annotations(cls, spec: FunctionSpec) -> dict[str, str]:
+        assert isinstance(spec, ScheduleKeys)
+        if not spec.schedule:
+            return {}
+        enabled = "true" if spec.schedule_enabled else "false"
+        return {SCHEDULE: spec.schedule, SCHEDULE_INPUT: spec.schedule_input, SCHEDULE_ENABLED: enabled}
+
+    @classmethod
+    def check_annotations(cls, annotations: Mapping[str, str]) -> str | None:
+        cron = annotations.get(SCHEDULE)
+        if cron and not croniter.is_valid(cron):
+            return f"{SCHEDULE}: not a cron expression: {cron[:80]!r}"
+        return None
 
     # -- state kept across restarts: the last tick each schedule reached ----------------
 
