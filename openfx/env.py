@@ -14,9 +14,12 @@ string stays empty where that means something (`OPENFX_CONSOLE_ADDR=`: no consol
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 
+T = TypeVar("T", int, float)
 ON = ("1", "on", "true", "yes")
 OFF = ("0", "off", "false", "no")
 
@@ -53,31 +56,34 @@ def optional(name: str, environ: Mapping[str, str] | None = None) -> str | None:
     return _raw(name, environ)
 
 
-def integer(name: str, default: int, minimum: int = 0, environ: Mapping[str, str] | None = None) -> int:
+def _parsed(
+    name: str,
+    environ: Mapping[str, str] | None,
+    parse: Callable[[str], T],
+    ok: Callable[[T], bool],
+    accepts: str,
+) -> T | None:
     value = _raw(name, environ)
     if value is None:
-        return default
+        return None
     try:
-        number = int(value)
+        result = parse(value)
     except ValueError:
-        number = minimum - 1
-    if number < minimum:
-        raise EnvError(name, f"a whole number >= {minimum}", value)
-    return number
+        raise EnvError(name, accepts, value) from None
+    if not ok(result):
+        raise EnvError(name, accepts, value)
+    return result
+
+
+def integer(name: str, default: int, minimum: int = 0, environ: Mapping[str, str] | None = None) -> int:
+    result = _parsed(name, environ, int, lambda n: n >= minimum, f"a whole number >= {minimum}")
+    return default if result is None else result
 
 
 def number(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:
     """A non-negative number (seconds, most often): 2, 0.5."""
-    value = _raw(name, environ)
-    if value is None:
-        return default
-    try:
-        result = float(value)
-    except ValueError:
-        result = -1.0
-    if not 0 <= result < float("inf"):
-        raise EnvError(name, "a number >= 0 (e.g. 2 or 0.5)", value)
-    return result
+    result = _parsed(name, environ, float, lambda x: 0 <= x < math.inf, "a number >= 0 (e.g. 2 or 0.5)")
+    return default if result is None else result
 
 
 def flag(
