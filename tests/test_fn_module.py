@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 import requests
 
+from openfx import fn, hops
 from openfx.errors import InvokeError
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxwatcher_pb2 as wpb
+from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
 from openfx.watcher.loader import load_handler
 from openfx.watcher.runtime import FunctionRuntime
 from tests.conftest import FIXTURES, RunningGateway, start_gateway
@@ -95,3 +98,63 @@ def test_load_failures_are_named_with_the_users_line(tmp_path: Path) -> None:
             assert "Traceback" not in errors[name] and "openfx/" not in errors[name]
     finally:
         gw.stop()
+
+
+class _RecordingWatcher(wpb_grpc.FxWatcherServicer):
+    """A callee's FxWatcher on 127.0.0.1: keeps what each call carried (Info, the gRPC deadline)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[wpb.Info, float | None]] = []
+
+    def Call(self, request: wpb.Request, context: grpc.ServicerContext) -> wpb.Reply:  # noqa: N802
+        info = wpb.Info()
+        info.CopyFrom(request.info)
+        self.seen.append((info, context.time_remaining()))
+        if request.input == b"fail":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such sensor")
+        return wpb.Reply(Output=b"scored:" + request.input)
+
+
+@pytest.fixture
+def cluster_callee(monkeypatch: pytest.MonkeyPatch) -> Iterator[_RecordingWatcher]:
+    """No OPENFX_GATEWAY (an image behind a KETI gateway): fn.call dials `scorer.team:50051`,
+    whose channel is pointed at the recording watcher (the DNS name exists only in a cluster)."""
+    servicer = _RecordingWatcher()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    wpb_grpc.add_FxWatcherServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    monkeypatch.delenv(fn.GATEWAY_ENV, raising=False)
+    monkeypatch.setenv(fn.NAMESPACE_ENV, "team")
+    monkeypatch.setitem(fn._channels, "scorer.team:50051", channel)
+    try:
+        yield servicer
+    finally:
+        channel.close()
+        server.stop(None)
+
+
+def test_a_call_without_a_gateway_goes_to_the_callees_watcher_with_hops_and_deadline(
+    cluster_callee: _RecordingWatcher,
+) -> None:
+    serving = hops.current.set(hops.CallContext(hops=2, timeout="5s", began=time.monotonic()))
+    try:
+        assert fn.call("scorer", "good news") == b"scored:good news"
+        with pytest.raises(InvokeError) as failed:
+            fn.call("scorer", b"fail")
+    finally:
+        hops.current.reset(serving)
+    assert failed.value.code == grpc.StatusCode.NOT_FOUND and failed.value.message == "scorer: no such sensor"
+    info, deadline = cluster_callee.seen[0]
+    assert info.FunctionName == "scorer" and info.Trigger.Name == "grpc"
+    assert info.Hops == 3  # the call being served was two deep
+    budget = hops.parse_timeout(info.Timeout)
+    assert budget is not None and 0 < budget <= 5  # what is left of the caller's 5 s, not 30 s
+    assert deadline is not None and 0 < deadline < budget + 0.5  # gRPC rounds its deadline up a little
+    # outside any call: the first hop, with the default budget unless the caller gives a shorter one
+    assert fn.call("scorer", b"x") == b"scored:x"
+    assert fn.call("scorer", b"y", timeout=2) == b"scored:y"
+    (default, _), (given, deadline) = cluster_callee.seen[-2:]
+    assert (default.Hops, default.Timeout) == (1, f"{fn.DEFAULT_TIMEOUT:g}s")
+    assert (given.Hops, given.Timeout) == (1, "2s") and deadline is not None and 0 < deadline < 2.5

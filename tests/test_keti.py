@@ -25,8 +25,10 @@ import requests
 from openfx import hops
 from openfx.build.images import ImageStore, missing_requirements
 from openfx.config import load_stack
+from openfx.function_def import SOURCE
 from openfx.pb import fxgateway_pb2 as gpb
-from tests.conftest import FIXTURES, ROOT, RunningGateway, start_gateway
+from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
+from tests.conftest import FIXTURES, ROOT, RunningGateway, free_port, start_gateway
 from tests.shared_tmp import shared_tmp
 
 KETI = FIXTURES / "keti"
@@ -47,6 +49,7 @@ def keti_request(name: str, image: str) -> gpb.CreateFunctionRequest:
 def cli(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(Path(sys.executable).parent / "openfx-cli"), *args],
+        input="",  # `fn run` reads stdin: an empty input, never the test run's
         capture_output=True,
         text=True,
         env={**os.environ, **env},
@@ -103,6 +106,65 @@ def test_keti_fn_deploy_by_image_answers_as_keti(keti_gateway: RunningGateway) -
     assert wait_answer(stub, "keti-echo", b"again") == b"[Python] again"
 
 
+def test_an_update_naming_an_unknown_image_keeps_the_current_source(keti_gateway: RunningGateway) -> None:
+    """The last rule of resolving a Deploy/Update with no source: an image neither built here nor
+    named by a function, in an Update of a function deployed from source, keeps that source."""
+    stub = keti_gateway.stub(None)
+    folder = KETI / "functions" / "beside" / "src"
+    from_source = gpb.CreateFunctionRequest(Service="kept", Image="kept:1", Annotations={SOURCE: str(folder)})
+    assert stub.Deploy(from_source, timeout=30).Msg == b"OK"
+    try:
+        assert wait_answer(stub, "kept", b"") == b"hello from src"
+        assert stub.Update(keti_request("kept", "registry.example/never-built:2"), timeout=30).Msg == b"OK"
+        meta = stub.GetMeta(gpb.FunctionRequest(FunctionName="kept"), timeout=5)
+        assert meta.Image == "registry.example/never-built:2"
+        assert wait_answer(stub, "kept", b"") == b"hello from src"
+    finally:
+        stub.Delete(gpb.DeleteFunctionRequest(FunctionName="kept"), timeout=30)
+
+
+def test_fn_build_in_the_functions_folder_feeds_a_platform_started_by_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KETI's workflow: `fn build` in the function's own folder, then the platform started by
+    `openfx-cli up` from another folder with `-f` naming a third: both use the user's one image
+    store (~/.openfx/images), so KETI's Deploy by image answers."""
+    monkeypatch.delenv("OPENFX_HOME", raising=False)  # the default store, not a relocated one
+    with shared_tmp() as home:  # the user's home, readable by the function user
+        env = {"HOME": str(home), "OPENFX_CONFIG": str(tmp_path / "no-config.yaml")}
+        function = tmp_path / "keti-echo"
+        shutil.copytree(KETI / "keti-echo", function)
+        built = cli("fn", "build", env=env, cwd=function)
+        assert built.returncode == 0, built.stderr
+        assert f"stored for the embedded platform in {home / '.openfx' / 'images'}" in built.stdout
+        stack = tmp_path / "platform" / "openfx.yaml"
+        stack.parent.mkdir()
+        stack.write_text(f"include: [{ROOT}/functions/echo/config.yaml]\n")
+        grpc_address = f"127.0.0.1:{free_port()}"
+        where = ["--grpc", grpc_address, "--http", f"127.0.0.1:{free_port()}"]
+        where += ["--console", f"127.0.0.1:{free_port()}"]
+        up = cli(
+            "up", "-d", "-f", str(stack), "--open-management", "--no-mqtt", *where, env=env, cwd=tmp_path
+        )
+        try:
+            assert up.returncode == 0, up.stderr
+            with grpc.insecure_channel(grpc_address) as channel:  # KETI's CLI: no token
+                stub = gpb_grpc.FxGatewayStub(channel)
+                assert stub.Deploy(keti_request("keti-echo", IMAGE), timeout=30).Msg == b"OK"
+                assert wait_answer(stub, "keti-echo", b"hello") == b"[Python] hello"
+        finally:
+            down = cli("down", "-f", str(stack), env=env, cwd=tmp_path)
+        assert down.returncode == 0, down.stderr
+
+
+def test_fn_run_runs_the_handler_in_its_own_folder() -> None:
+    """`fn run` in the function's folder (KETI's `fn run`): the watcher itself enters the handler's
+    folder, so a relative open finds the file beside handler.py, as in the embedded platform."""
+    ran = cli("fn", "run", env={}, cwd=KETI / "functions" / "beside")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "hello from src"
+
+
 def test_an_image_from_the_stack_file_deploys_under_another_name(keti_gateway: RunningGateway) -> None:
     stub = keti_gateway.stub(None)
     image = load_stack(KETI / "stack.yaml").functions["echo"].image
@@ -152,6 +214,37 @@ def test_mesh_call_goes_through_the_gateway_and_returns_bytes(keti_gateway: Runn
     before = stub.GetMeta(gpb.FunctionRequest(FunctionName="echo"), timeout=5).InvocationCount
     assert wait_answer(stub, "mesh-caller", b"hi") == b"mesh:hi"
     assert stub.GetMeta(gpb.FunctionRequest(FunctionName="echo"), timeout=5).InvocationCount == before + 1
+
+
+def test_mesh_call_sends_the_functions_own_token_to_a_gateway_with_tokens(tmp_path: Path) -> None:
+    """With tokens configured, invoking needs one: a function's `mesh_call` sends its own
+    OPENFX_TOKEN (from its environment), and one without a token is refused by the gateway."""
+    client, own = "client-secret-0123456789", "function-secret-0123456789"
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(
+        f"tokens:\n  - {{name: client, token: {client}}}\n  - {{name: functions, token: {own}}}\n"
+    )
+    caller = KETI / "functions" / "mesh-caller" / "src"
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(
+        f"include: [{ROOT}/functions/echo/config.yaml]\nfunctions:\n"
+        f"  mesh-caller: {{handler: {{dir: {caller}}}, environment: {{OPENFX_TOKEN: {own}}}}}\n"
+        f"  tokenless: {{handler: {{dir: {caller}}}}}\n"
+    )
+    gw = start_gateway(stack, tmp_path / "gateway.log", "--tokens-file", str(tokens))
+    try:
+        gw.wait_ready({"echo", "mesh-caller", "tokenless"})
+        stub = gw.stub(client)
+        echo = gpb.FunctionRequest(FunctionName="echo")
+        before = stub.GetMeta(echo, timeout=5).InvocationCount
+        assert wait_answer(stub, "mesh-caller", b"hi") == b"mesh:hi"
+        assert stub.GetMeta(echo, timeout=5).InvocationCount == before + 1
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Invoke(gpb.InvokeServiceRequest(Service="tokenless", Input=b"hi"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert refused.value.details().startswith("echo: missing bearer token"), refused.value.details()
+    finally:
+        gw.stop()
 
 
 def test_a_call_loop_is_stopped_by_the_hop_limit(keti_gateway: RunningGateway) -> None:

@@ -2,32 +2,35 @@
 
 KETI's workflow deploys by image (`fn build`, then `fn deploy` sends `Image` and no source). The
 embedded platform runs no containers, so `fn build` also keeps each rendered build context here
-(`<state folder>/images/<slug>/`, the context plus `image.json`), and the embedded gateway starts a
-Deploy that names one of these images from the context's own copy of the function folder. The
-copy, not the folder it was built from, is what runs: as with a real image, editing the source
-changes nothing until the next `fn build`.
+(`images/<slug>/`, the context plus `image.json`), and the embedded gateway starts a Deploy that
+names one of these images from the context's own copy of the function folder. The copy, not the
+folder it was built from, is what runs: as with a real image, editing the source changes nothing
+until the next `fn build`.
+
+There is one store per user, like Docker's local images: `fn build` run in a function's own folder
+(KETI's workflow) and a gateway started from anywhere (`openfx-cli up -f other/openfx.yaml`,
+`python -m openfx.gateway`) find the same images, whatever folder each was started in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from openfx import env
 from openfx.config import FunctionSpec
-from openfx.state import state_dir
 
 META = "image.json"
-STACK_ENV = "OPENFX_STACK"  # the stack file the gateway runs (its state folder holds the store)
 
 
-def images_dir(stack_file: str | Path | None = None) -> Path:
-    """`<state folder>/images`: $OPENFX_HOME/images, else beside the stack file (`openfx.yaml`)."""
-    stack = stack_file or os.environ.get(STACK_ENV) or "openfx.yaml"
-    return state_dir(stack) / "images"
+def images_dir() -> Path:
+    """`$OPENFX_HOME/images` (the state folder it names), else `~/.openfx/images`: never relative
+    to the folder a command runs in, which is what kept `fn build` and the gateway apart."""
+    home = env.optional("OPENFX_HOME")
+    return (Path(home) if home else Path.home() / ".openfx") / "images"
 
 
 def _slug(image: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -150,13 +149,13 @@ def build(config: str, nocache: bool, buildverbose: bool, output: str | None) ->
     """Render each function's build context from the shared Dockerfile template, keep it in the
     local image store (what the embedded gateway deploys an image from), and build it when a Docker
     engine is reachable."""
-    from openfx.build.images import ImageStore
+    from openfx.build.images import ImageStore, images_dir
     from openfx.build.render import docker_available, docker_build_command, render_context
 
     stack = _load(config)
     engine = docker_available()
     folder = Path(output) if output else state_dir(config) / "build"
-    store = ImageStore(_image_store(config))
+    store = ImageStore(images_dir())
     for name, spec in stack.functions.items():
         try:
             context = render_context(name, spec, folder)
@@ -175,16 +174,6 @@ def build(config: str, nocache: bool, buildverbose: bool, output: str | None) ->
         if result.returncode != 0:
             raise click.ClickException(f"docker build failed for {name} (rerun with -v to see why)")
         click.echo(f"Image: {spec.image} built in local environment.")
-
-
-def _image_store(config: str) -> Path:
-    """The platform's image store: $OPENFX_HOME, else beside $OPENFX_STACK, else beside the
-    openfx.yaml of this folder (where `openfx-cli up` runs), else beside the config file."""
-    from openfx.build.images import STACK_ENV, images_dir
-
-    if os.environ.get("OPENFX_HOME") or os.environ.get(STACK_ENV):
-        return images_dir()
-    return images_dir("openfx.yaml" if Path("openfx.yaml").is_file() else config)
 
 
 @function.command()

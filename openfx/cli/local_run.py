@@ -39,7 +39,6 @@ def run_once(name: str, spec: FunctionSpec, payload: bytes, timeout: float) -> b
         proc = subprocess.Popen(
             [sys.executable, "-m", "openfx.watcher"],
             env={**os.environ, **spec.environment, **settings.to_env()},
-            cwd=spec.source_dir,
             stdout=sys.stderr,
             stderr=sys.stderr,
         )

@@ -19,8 +19,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-functions", action="store_true", help="start with no function deployed")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    # the local image store (`fn build`) is in this stack file's state folder (openfx/build/images.py)
-    os.environ["OPENFX_STACK"] = os.path.abspath(args.file)
     settings = settings_from(args)
     configure_logging(settings)
     try:

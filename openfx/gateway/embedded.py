@@ -183,7 +183,7 @@ class LocalReplica:
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *argv,
-                cwd=str(fn.handler_dir),  # as KETI: a handler opens the files beside it by relative name
+                cwd=str(fn.handler_dir),  # listable by the function user (_admit); the watcher enters it too
                 env=self._environment(),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -59,12 +60,19 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
-def load_handler(file: str | Path, name: str = "Handler") -> HandlerFn:
-    """Import `file` and return a per-request callable (instantiating a class once)."""
+def load_handler(file: str | Path, name: str = "Handler", *, chdir: bool = False) -> HandlerFn:
+    """Import `file` and return a per-request callable (instantiating a class once).
+
+    `chdir`: make the handler's folder the process's working directory first, as KETI runs a
+    handler (in `/openfx/handler`, beside `handler.py`), so it opens the files beside it by a
+    relative name, at import or per call. The watcher passes it, so the embedded platform, `fn run`
+    and images all agree; tests and benches loading a handler in their own process do not."""
     path = Path(file).resolve()
     if not path.is_file():
         raise HandlerLoadError(FILE_MISSING, f"handler file not found: {path}")
     folder = path.parent
+    if chdir:
+        os.chdir(folder)
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     if str(SHIM_DIR) not in sys.path:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -97,6 +98,9 @@ class WatcherSettings:
 
 class Watcher:
     def __init__(self, settings: WatcherSettings) -> None:
+        # the handler's folder becomes the working directory when it loads: pin our own files first
+        socket_path = settings.socket_path and os.path.abspath(settings.socket_path)
+        settings = replace(settings, lock_file=os.path.abspath(settings.lock_file), socket_path=socket_path)
         self.settings = settings
         self.name = settings.function_name or Path(settings.handler_file).resolve().parent.parent.name
         self.runtime: FunctionRuntime | None = None
@@ -162,7 +166,8 @@ class Watcher:
         s = self.settings
         loop = asyncio.get_running_loop()
         try:
-            handler = await loop.run_in_executor(None, load_handler, s.handler_file, s.handler_name)
+            load = functools.partial(load_handler, s.handler_file, s.handler_name, chdir=True)
+            handler = await loop.run_in_executor(None, load)
         except HandlerLoadError as exc:
             self.load_error = f"{exc.kind}: {exc}"
             log.error("handler failed to load: %s", self.load_error)
