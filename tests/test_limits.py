@@ -1,10 +1,13 @@
 """Limits and guards that need no root: quantities and the enforcement decision, the cgroup v2
-layout (against a folder laid out like cgroupfs), the framed client's result limit, log capture,
+layout (against a folder laid out like cgroupfs), which cgroup members a watcher ends on its way
+out, the framed client's result limit, log capture,
 and, on a real gateway with cgroups off, the RSS watchdog, long output lines and oversized results."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +16,7 @@ import grpc
 import pytest
 import requests
 
-from openfx import framing
+from openfx import framing, procgroup
 from openfx.errors import InvokeError
 from openfx.gateway.cgroups import Cgroups
 from openfx.gateway.framed_client import FramedClient
@@ -56,6 +59,32 @@ def test_cpu_limit_without_a_cgroup_is_refused_and_memory_falls_back_to_the_watc
         "openfx.limits.memory": "1Gi (cgroup v2)",
         "openfx.limits.cpu": "2 (cgroup v2 cpu quota)",
     }
+
+
+# -- what a watcher ends on its way out ---------------------------------------------------------
+
+
+def test_a_watcher_ends_only_members_of_a_cgroup_it_is_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OPENFX_REPLICA_CGROUP names the replica's cgroup.procs files; its members (a setsid child
+    included) are what the watcher ends, and only if the watcher itself is listed in every file."""
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        memory, cpu = tmp_path / "memory.procs", tmp_path / "cpu.procs"
+        memory.write_text(f"{os.getpid()}\n{child.pid}\n")
+        cpu.write_text(f"{child.pid}\n{os.getpid()}\n")
+        monkeypatch.setenv(procgroup.CGROUP_ENV, f"{memory}\n{cpu}")
+        assert procgroup.own_cgroup_members() == [child.pid]
+        cpu.write_text(f"{child.pid}\n")  # a cgroup this process is not in: a stranger's
+        assert procgroup.own_cgroup_members() == []
+        monkeypatch.setenv(procgroup.CGROUP_ENV, str(tmp_path / "gone.procs"))
+        assert procgroup.own_cgroup_members() == []
+        monkeypatch.setenv(procgroup.CGROUP_ENV, "")  # no cgroup of its own
+        assert procgroup.own_cgroup_members() == []
+    finally:
+        child.kill()
+        child.wait()
 
 
 # -- cgroup v2 layout ------------------------------------------------------------------------
