@@ -47,6 +47,7 @@ def test_build_context_for_every_function(tmp_path: Path) -> None:
         [CLI, "fn", "build", "-f", str(ROOT / "openfx.yaml"), "-o", str(tmp_path)],
         capture_output=True,
         text=True,
+        env={**os.environ, "HOME": str(tmp_path / "home")},  # the image store: not the user's own
         timeout=120,
     )
     assert out.returncode == 0, out.stderr

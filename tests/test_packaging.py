@@ -56,7 +56,7 @@ def test_wheel_carries_package_data_and_fn_build_works_from_it(tmp_path: Path) -
         "functions:\n  fn:\n    runtime: python3\n"
         "    handler: {dir: ./src, file: handler.py}\n    image: fn\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    env = {**os.environ, "PYTHONPATH": str(site), "HOME": str(tmp_path / "home")}  # fn build: image store
     probe = subprocess.run(
         [
             sys.executable,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -22,9 +23,11 @@ def test_fn_build_renders_into_the_state_folder_not_the_cwd(tmp_path: Path) -> N
         capture_output=True,
         text=True,
         cwd=elsewhere,
+        env={**os.environ, "HOME": str(tmp_path / "home")},  # fn build also stores the image there
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert (function / ".openfx" / "build" / "echo" / "Dockerfile").is_file()
+    assert (tmp_path / "home" / ".openfx" / "images").is_dir()
     assert list(elsewhere.iterdir()) == []
     assert not (function / "build").exists()
