@@ -183,7 +183,8 @@ def _init_run_deploy_call_delete(gateway: RunningGateway, tmp_path: Path) -> Non
 
 
 def test_build_renders_context_without_docker_engine(tmp_path: Path) -> None:
-    out = cli("fn", "build", "-f", str(ROOT / "functions/echo/config.yaml"), "-o", str(tmp_path))
+    home = {"HOME": str(tmp_path / "home")}  # fn build also stores the image: not in the user's store
+    out = cli("fn", "build", "-f", str(ROOT / "functions/echo/config.yaml"), "-o", str(tmp_path), env=home)
     assert out.returncode == 0, out.stderr
     context = tmp_path / "echo"
     for item in (

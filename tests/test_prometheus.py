@@ -23,6 +23,7 @@ import yaml
 from openfx import readiness
 from openfx.gateway.metrics import GatewayMetrics
 from openfx.k8s.observability import dashboard_queries, embedded_prometheus_config
+from openfx.triggers.mqtt import SCRAPE_JOB
 from tests.conftest import ADMIN_TOKEN_FILE, FIXTURES, ROOT, free_port
 from tests.mqtt_helpers import Device
 from tests.test_triggers import ticks_file
@@ -103,7 +104,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 def prometheus(platform: dict[str, str]) -> Iterator[str]:
     """Our own Prometheus on a free port (a system service may hold 9090), scraping every second."""
     tmp = Path(platform["tmp"])
-    config = embedded_prometheus_config(platform["http"], platform["bridge_metrics"], interval="1s")
+    triggers = {SCRAPE_JOB: platform["bridge_metrics"]}
+    config = embedded_prometheus_config(platform["http"], triggers, interval="1s")
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     address = f"127.0.0.1:{free_port()}"
     log = open(tmp / "prometheus.log", "ab")  # noqa: SIM115 (closed with the process)

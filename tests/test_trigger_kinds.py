@@ -117,13 +117,17 @@ def test_a_kind_s_keys_are_validated_by_its_model(toy: None, tmp_path: Path) -> 
         load_stack(tmp_path / "stack.yaml")
 
 
-def test_the_mqtt_kind_names_its_bridge_s_metrics_as_the_older_bare_address_did(tmp_path: Path) -> None:
+def test_the_mqtt_kind_names_its_bridge_s_metrics(tmp_path: Path) -> None:
     bridge = yaml.safe_load((Path(__file__).parent.parent / "broker" / "bridge.yaml").read_text())
     (tmp_path / "bridge.yaml").write_text(yaml.safe_dump({**bridge, "metrics_address": "127.0.0.1:9412"}))
     (tmp_path / "stack.yaml").write_text("mqtt: {bridge: bridge.yaml}\n")
     stack = load_stack(tmp_path / "stack.yaml")
     targets = scrape_targets(stack, tmp_path / "stack.yaml")
     assert targets == {"mqtt-bridge": "127.0.0.1:9412"}
-    assert embedded_prometheus_config("gw:1", targets) == embedded_prometheus_config("gw:1", "127.0.0.1:9412")
+    jobs = embedded_prometheus_config("gw:1", targets)["scrape_configs"]
+    assert [(j["job_name"], j["static_configs"][0]["targets"]) for j in jobs] == [
+        ("fxgateway", ["gw:1"]),
+        ("mqtt-bridge", ["127.0.0.1:9412"]),
+    ]
     stack.mqtt.enabled = False
     assert scrape_targets(stack, tmp_path / "stack.yaml") == {}

@@ -151,8 +151,8 @@ def up(
         raise click.ClickException(f"already running (pid {pid}); stop it with 'openfx-cli down'")
     prometheus = None
     if monitoring:
-        bridge = None if no_mqtt else _bridge_metrics(stack, stack_file)
-        prometheus = _start_prometheus(folder, prometheus_address, http_address, bridge, timeout)
+        triggers = _trigger_metrics(stack, stack_file, no_mqtt)
+        prometheus = _start_prometheus(folder, prometheus_address, http_address, triggers, timeout)
     if not detach:
         _console_hint(console_address)
         if prometheus is None:  # the platform owns the terminal; Ctrl-C drains and stops all of it
@@ -203,21 +203,19 @@ def _console_hint(console_address: str) -> None:
         click.echo(f"console: http://{console_address}/ (sign in with the token 'openfx-cli token' prints)")
 
 
-def _bridge_metrics(stack: StackFile, stack_file: str) -> str | None:
-    """The MQTT bridge's metrics_address (its own process, its own /metrics), if it has one."""
-    if stack.mqtt is None or not stack.mqtt.enabled:
-        return None
-    from openfx.bridge.config import load_bridge_config
+def _trigger_metrics(stack: StackFile, stack_file: str, no_mqtt: bool) -> dict[str, str]:
+    """Job name -> address of each trigger process's own /metrics (every kind says its own)."""
+    from openfx.triggers import scrape_targets
+    from openfx.triggers.mqtt import SCRAPE_JOB
 
-    try:
-        config = load_bridge_config(Path(stack_file).resolve().parent / stack.mqtt.bridge)
-    except Exception:  # the platform reports a broken bridge config itself
-        return None
-    return config.metrics_address or None
+    targets = scrape_targets(stack, Path(stack_file))
+    if no_mqtt:
+        targets.pop(SCRAPE_JOB, None)
+    return targets
 
 
 def _start_prometheus(
-    folder: Path, address: str, gateway_http: str, bridge_metrics: str | None, timeout: float
+    folder: Path, address: str, gateway_http: str, triggers: dict[str, str], timeout: float
 ) -> subprocess.Popen[bytes]:
     """Debian's Prometheus with a config for this platform, its data and log in the state folder,
     returned once it answers as ready (so `up` never prints the address of one that died)."""
@@ -229,9 +227,7 @@ def _start_prometheus(
     if (pid := _running_pid(folder / "prometheus.pid")) is not None:
         raise click.ClickException(f"prometheus already running (pid {pid}); stop it with 'openfx-cli down'")
     config = folder / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump(embedded_prometheus_config(gateway_http, bridge_metrics), sort_keys=False)
-    )
+    config.write_text(yaml.safe_dump(embedded_prometheus_config(gateway_http, triggers), sort_keys=False))
     with open(folder / "prometheus.log", "ab") as out:
         proc = subprocess.Popen(
             [

@@ -38,15 +38,10 @@ def prometheus_config(namespace: str = GATEWAY_NAMESPACE) -> dict[str, Any]:
 
 
 def embedded_prometheus_config(
-    gateway_http: str, triggers: Mapping[str, str] | str | None = None, interval: str = "5s"
+    gateway_http: str, triggers: Mapping[str, str] | None = None, interval: str = "5s"
 ) -> dict[str, Any]:
     """`openfx-cli up --monitoring`: the gateway's /metrics (functions, schedules, auth) and those of
-    the trigger processes, `triggers` (job name -> host:port: openfx.triggers.scrape_targets). A bare
-    address is the MQTT bridge's, the form `openfx-cli up` passes."""
-    if isinstance(triggers, str):
-        from openfx.triggers.mqtt import SCRAPE_JOB
-
-        triggers = {SCRAPE_JOB: triggers}
+    the trigger processes, `triggers` (job name -> host:port: openfx.triggers.scrape_targets)."""
     targets = {"fxgateway": gateway_http, **(triggers or {})}
     jobs = [
         {"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": [address]}]}
