@@ -351,3 +351,243 @@ def test_watcher_request_carries_the_function_timeout() -> None:
         "http",
     )
     assert request.info.Trigger.Topic == ""
+
+
+def test_a_gateway_created_starting_says_unavailable_until_told_otherwise() -> None:
+    """The gateway builds its invoker with starting=True (app.py): the flag must take effect from
+    the constructor, not only when set later."""
+    _, fn, _, metrics = setup()
+    invoker = Invoker(Backend(f=fn), metrics, starting=True)
+    assert failure(invoker.invoke("nope", b"")).code == grpc.StatusCode.UNAVAILABLE
+    assert Invoker(Backend(f=fn), metrics).starting is False
+
+
+def test_the_default_stream_cap_is_the_gateways() -> None:
+    from openfx.gateway.app import GatewaySettings
+
+    assert Invoker(Backend(), GatewayMetrics()).max_streams == GatewaySettings().max_streams == 256
+
+
+class Clock:
+    """Stands in for the invoker's `time`: cold starts and replies take exactly the time a test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0  # exact sums: a start of 0.01 s waits exactly 0.01 s
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    import openfx.gateway.invoker as invoker_module
+
+    fake = Clock()
+    monkeypatch.setattr(invoker_module, "time", fake)
+    return fake
+
+
+class ColdFunction(Function):
+    """The embedded backend's contract (LocalFunction.acquire): `pick()` refuses while no replica is
+    ready (UNAVAILABLE); `acquire(deadline)` waits for the start, within the caller's deadline, and
+    returns the replica, or raises the start's failure (UNAVAILABLE, DEADLINE_EXCEEDED)."""
+
+    def __init__(self, definition: FunctionDef, replica: Replica, clock: Clock, start_seconds: float) -> None:
+        super().__init__(definition, replica)
+        self.clock = clock
+        self.start_seconds = start_seconds
+        self.started = asyncio.Event()  # set: the start is done
+        self.start_error: InvokeError | None = None
+        self.deadlines: list[float | None] = []
+        self.waiting = asyncio.Event()  # set once a caller waits for the start
+
+    def pick(self) -> Replica:
+        raise InvokeError(grpc.StatusCode.UNAVAILABLE, f"function {self.name} is not ready")
+
+    async def acquire(self, deadline: float | None) -> Replica:
+        self.deadlines.append(deadline)
+        self.waiting.set()
+        await self.started.wait()
+        self.clock.now += self.start_seconds
+        if self.start_error is not None:
+            raise self.start_error
+        return self.replica
+
+
+def cold(
+    clock: Clock, start_seconds: float, **definition: object
+) -> tuple[Invoker, ColdFunction, Replica, GatewayMetrics]:
+    replica = Replica()
+    fn = ColdFunction(
+        FunctionDef(name="f", image="i", handler_dir=Path("/x"), **definition),  # type: ignore[arg-type]
+        replica,
+        clock,
+        start_seconds,
+    )
+    fn.started.set()
+    metrics = GatewayMetrics()
+    return Invoker(Backend(f=fn), metrics, max_streams=2), fn, replica, metrics
+
+
+@pytest.mark.parametrize(
+    ("deadline", "start_seconds", "timeout"),
+    [
+        (2, 0.5, 1.5),  # the cold start used 0.5 s of the caller's 2 s: the call gets what is left
+        (None, 0.5, 10),  # no caller deadline: the call gets the function's whole timeout
+        (2, 0.01, 2),  # a start within 10 ms (a replica already up) leaves the deadline as it is
+        (1, 0.9995, 0.001),  # a start that used (nearly) all of it: the call still gets 1 ms, not 0
+    ],
+)
+def test_a_cold_start_waits_within_the_callers_deadline_and_the_call_gets_what_is_left(
+    clock: Clock, deadline: float | None, start_seconds: float, timeout: float
+) -> None:
+    invoker, fn, replica, _ = cold(clock, start_seconds, timeout=10)
+    assert asyncio.run(invoker.invoke("f", b"x", deadline=deadline)).Output == b"out:x"
+    assert fn.deadlines == [deadline]  # acquire waited, not pick (which refuses while starting)
+    assert replica.timeouts == [pytest.approx(timeout)]
+
+
+def test_a_call_waiting_for_a_cold_start_holds_an_in_flight_slot() -> None:
+    async def scenario(invoker: Invoker, fn: ColdFunction) -> InvokeError:
+        fn.started.clear()
+        waiting = asyncio.create_task(invoker.invoke("f", b"1"))
+        await asyncio.wait_for(fn.waiting.wait(), 10)
+        assert fn.in_flight == 1
+        with pytest.raises(InvokeError) as err:
+            await invoker.invoke("f", b"2")
+        fn.started.set()
+        assert (await waiting).Output == b"out:1"
+        return err.value
+
+    invoker, fn, _, _ = cold(Clock(), 0, max_inflight=1)
+    assert asyncio.run(scenario(invoker, fn)).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert fn.in_flight == 0
+
+
+def seconds(metrics: GatewayMetrics, trigger: str, which: str = "sum") -> float | None:
+    return metrics.registry.get_sample_value(
+        f"gateway_functions_seconds_{which}", {"function_name": "f", "trigger": trigger}
+    )
+
+
+def test_a_cold_start_that_fails_keeps_its_status_frees_the_slot_and_is_counted_by_trigger(
+    clock: Clock,
+) -> None:
+    invoker, fn, replica, metrics = cold(clock, 3, timeout=10)
+    fn.start_error = InvokeError(grpc.StatusCode.DEADLINE_EXCEEDED, "function f was not ready within 3s")
+    err = failure(invoker.invoke("f", b"", trigger="mqtt", deadline=3))
+    assert (err.code, err.http) == (grpc.StatusCode.DEADLINE_EXCEEDED, 504)
+    assert (fn.in_flight, fn.invocations, replica.requests) == (0, 1, [])
+    assert count(metrics, "f", 504) == 1 and seconds(metrics, "mqtt") == 3  # the time the wait took
+
+
+def test_a_stream_waits_for_a_cold_start_without_a_deadline(clock: Clock) -> None:
+    invoker, fn, _, _ = cold(clock, 1)
+    assert asyncio.run(_collect(invoker, "f", [("f", b"b")])) == [b"s:a", b"s:b"]
+    assert fn.deadlines == [None] and fn.in_flight == 0
+
+
+def test_a_stream_whose_start_fails_frees_its_slot(clock: Clock) -> None:
+    invoker, fn, _, _ = cold(clock, 1, max_inflight=1)
+    fn.start_error = InvokeError(grpc.StatusCode.UNAVAILABLE, "function f could not start")
+    err = failure(_collect(invoker, "f", []))
+    assert (err.code, err.message) == (grpc.StatusCode.UNAVAILABLE, "function f could not start")
+    assert (fn.in_flight, invoker.streams) == (0, 0)
+    fn.start_error = None
+    assert asyncio.run(_collect(invoker, "f", [])) == [b"s:a"]  # the one slot is free again
+
+
+class TimedReplica(Replica):
+    """A stream whose every answer takes `step` seconds of the fake clock; `stream_error` ends it
+    after the answers, `early` before it reads any frame (the channel closed under it)."""
+
+    def __init__(self, clock: Clock, step: float) -> None:
+        super().__init__()
+        self.clock, self.step = clock, step
+        self.early = False
+        self.hold: asyncio.Event | None = None  # set: after the first answer, wait for it
+        self.answered = asyncio.Event()
+
+    def stream(self, requests: AsyncIterator[wpb.Request]):  # type: ignore[no-untyped-def]
+        replica = self
+
+        class Call:
+            def __aiter__(self):  # type: ignore[no-untyped-def]
+                return self.gen()
+
+            async def gen(self):  # type: ignore[no-untyped-def]
+                if replica.early and replica.stream_error is not None:
+                    raise replica.stream_error
+                async for r in requests:
+                    replica.requests.append(r)
+                    replica.clock.now += replica.step
+                    if replica.stream_error is not None:
+                        raise replica.stream_error
+                    yield wpb.Reply(Output=b"s:" + r.input)
+                    replica.answered.set()
+                    if replica.hold is not None:
+                        await replica.hold.wait()
+
+            def cancel(self) -> None:
+                replica.stream_cancelled = True
+
+        return Call()
+
+
+def timed(clock: Clock, step: float) -> tuple[Invoker, Function, TimedReplica, GatewayMetrics]:
+    invoker, fn, _, metrics = setup()
+    fn.replica = replica = TimedReplica(clock, step)
+    return invoker, fn, replica, metrics
+
+
+async def _stream(invoker: Invoker, trigger: str, frames: list[bytes]) -> list[bytes]:
+    async def rest() -> AsyncIterator[tuple[str, bytes]]:
+        for frame in frames:
+            yield ("f", frame)
+
+    return [out async for out in invoker.stream("f", b"a", rest(), trigger=trigger)]
+
+
+def test_stream_answers_are_timed_from_their_own_frame_under_their_trigger(clock: Clock) -> None:
+    invoker, fn, _, metrics = timed(clock, 2)
+    assert asyncio.run(_stream(invoker, "mqtt", [b"b", b"c"])) == [b"s:a", b"s:b", b"s:c"]
+    assert seconds(metrics, "mqtt", "count") == 3 and seconds(metrics, "mqtt") == 6  # 2 s each
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "http"),
+    [
+        (asyncio.CancelledError(), grpc.StatusCode.UNAVAILABLE, 503),  # the replica's process exited
+        (AioError(grpc.StatusCode.INTERNAL, "boom"), grpc.StatusCode.INTERNAL, 500),
+    ],
+)
+@pytest.mark.parametrize("early", [False, True])
+def test_a_stream_cut_is_counted_once_under_its_trigger_and_timed_from_its_frame(
+    clock: Clock, error: BaseException, code: grpc.StatusCode, http: int, early: bool
+) -> None:
+    """Cut after reading the first frame (timed from it: 2 s), or before reading any (no frame to
+    time: 0 s, and no crash looking for one)."""
+    invoker, fn, replica, metrics = timed(clock, 2)
+    replica.stream_error, replica.early = error, early
+    err = failure(_stream(invoker, "mqtt", []))
+    assert (err.code, count(metrics, "f", http), fn.invocations) == (code, 1, 1)
+    assert seconds(metrics, "mqtt") == (0 if early else 2)
+    assert (fn.in_flight, replica.in_flight, invoker.streams) == (0, 0, 0)
+
+
+def test_a_stream_whose_caller_goes_away_is_cancelled_not_counted_as_unavailable() -> None:
+    """The caller's cancellation (a client that hung up) must go through as a cancellation: neither
+    an UNAVAILABLE answer nor a 503 in the metrics; the upstream call is cancelled, the slots freed."""
+
+    async def scenario(invoker: Invoker, replica: TimedReplica) -> None:
+        replica.hold = asyncio.Event()
+        task = asyncio.create_task(_stream(invoker, "grpc", []))
+        await asyncio.wait_for(replica.answered.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    invoker, fn, replica, metrics = timed(Clock(), 0)
+    asyncio.run(scenario(invoker, replica))
+    assert count(metrics, "f", 503) == 0 and count(metrics, "f", 200) == 1
+    assert replica.stream_cancelled and (fn.in_flight, replica.in_flight, invoker.streams) == (0, 0, 0)

@@ -311,3 +311,99 @@ def test_loader_details(tmp_path: Path) -> None:
     (tmp_path / "boom.py").write_text("raise OSError('at import')\n")
     load_error(tmp_path / "boom.py", loader.IMPORT_ERROR, r"boom.py.*OSError: at import$")
     load_error(tmp_path, loader.FILE_MISSING, r"^handler file not found: ")  # a folder is not a handler file
+
+
+# -- the call context a handler's own calls inherit, and the loader's finer rules (plain functions)
+
+
+def test_a_handler_sees_its_calls_hops_and_deadline_and_nothing_after(tmp_path: Path) -> None:
+    """`fn.call` and `mesh` read `hops.current` to send the next hop count and the time left: the
+    handler must see this call's Info.Hops/Timeout and its start, and the next code (another call
+    on the same thread or loop) must not inherit them."""
+    import asyncio
+
+    from openfx import hops
+
+    seen: list[hops.CallContext] = []
+
+    def sync_handler(req):  # type: ignore[no-untyped-def]
+        seen.append(hops.current.get())
+
+    async def async_handler(req):  # type: ignore[no-untyped-def]
+        seen.append(hops.current.get())
+
+    request = wpb.Request(info=wpb.Info(Hops=3, Timeout="2.5s"))
+    before = time.monotonic()
+    FunctionRuntime("s", sync_handler).invoke(request)
+    asyncio.run(FunctionRuntime("a", async_handler).invoke_async(request))
+    after = time.monotonic()
+    for context in seen:
+        assert (context.hops, context.timeout) == (3, "2.5s")
+        assert before <= context.began <= after and context.deadline == context.began + 2.5
+    assert len(seen) == 2 and hops.current.get() is hops.OUTSIDE
+
+
+def test_a_handler_crash_logs_one_record_with_its_whole_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    def handler(req):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    with caplog.at_level("ERROR", logger="openfx.watcher"), pytest.raises(InvokeError):
+        FunctionRuntime("r", handler).invoke(wpb.Request())
+    [record] = caplog.records
+    text = record.getMessage()
+    assert text.startswith('handler raised Traceback (most recent call last):\n  File "'), text
+    assert text.endswith("\nRuntimeError: boom") and 'raise RuntimeError("boom")' in text
+    assert FunctionRuntime("named", handler).name == "named"
+
+
+def test_load_errors_point_at_the_users_own_line(tmp_path: Path) -> None:
+    """The innermost frame in the handler's folder, also in a sibling module; never a frame of the
+    standard library or the platform; the file itself when no user frame exists."""
+    (tmp_path / "failing_sibling.py").write_text("X = 1\nraise OSError('in the helper')\n")
+    (tmp_path / "h.py").write_text("import failing_sibling\n")
+    load_error(tmp_path / "h.py", loader.IMPORT_ERROR, r"^failing_sibling.py:2: OSError: in the helper$")
+    (tmp_path / "j.py").write_text("import json\n\nCONFIG = json.loads('{')\n")
+    load_error(tmp_path / "j.py", loader.IMPORT_ERROR, r"^j.py:3: JSONDecodeError: ")
+    (tmp_path / "broken_sibling.py").write_text("def f(:\n")
+    (tmp_path / "s.py").write_text("import broken_sibling\n")
+    load_error(tmp_path / "s.py", loader.SYNTAX_ERROR, r"^broken_sibling.py:1: ")  # the sibling, not s.py
+    (tmp_path / "i.py").write_text("class Handler:\n    def __init__(self, model):\n        pass\n")
+    load_error(
+        tmp_path / "i.py",
+        loader.INIT_FAILED,
+        r"^Handler.__init__ failed: TypeError: .*'model' \(at i.py\)$",  # raised before its code ran
+    )
+    (tmp_path / "k.py").write_text("class Handler:\n    def __init__(self):\n        {}['k']\n")
+    load_error(
+        tmp_path / "k.py", loader.INIT_FAILED, r"^Handler.__init__ failed: KeyError: 'k' \(at k.py:3\)$"
+    )
+
+
+def test_load_error_messages_are_never_empty_and_bounded(tmp_path: Path) -> None:
+    (tmp_path / "e.py").write_text("raise OSError()\n")
+    load_error(tmp_path / "e.py", loader.IMPORT_ERROR, r"^e.py:1: OSError: \(no message\)$")
+    (tmp_path / "l.py").write_text("raise OSError('x' * 400)\n")
+    load_error(tmp_path / "l.py", loader.IMPORT_ERROR, r"^l.py:1: OSError: x{300}$")
+    (tmp_path / "h.txt").write_text("def Handler(req):\n    return 1\n")  # no importer for .txt
+    load_error(tmp_path / "h.txt", loader.IMPORT_ERROR, rf"^cannot import {tmp_path / 'h.txt'}$")
+
+
+def test_loading_puts_the_handlers_folder_first_and_the_shim_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler's sibling modules win over anything installed (as in its container); KETI's
+    `mesh` shim is found only when nothing else provides it; the module is registered (pickle,
+    dataclasses and `fn.log` look it up by name); the working folder changes only when asked."""
+    shim = str(loader.SHIM_DIR)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != shim])
+    monkeypatch.delitem(sys.modules, "mesh", raising=False)
+    monkeypatch.chdir(tmp_path.parent)
+    folder = tmp_path / "fn"
+    folder.mkdir()
+    (folder / "handler.py").write_text("import mesh\n\ndef Handler(req):\n    return mesh.__name__\n")
+    handler = load_handler(folder / "handler.py")
+    assert handler(None) == "mesh" and sys.modules["openfx_handler_handler"].Handler is handler
+    assert sys.path[0] == str(folder) and sys.path[-1] == shim
+    assert Path.cwd() == tmp_path.parent  # tests and benches keep their folder
+    load_handler(folder / "handler.py", chdir=True)
+    assert sys.path.count(shim) == 1 and Path.cwd() == folder  # the watcher's way, as KETI runs it
