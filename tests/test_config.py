@@ -146,3 +146,28 @@ def test_environment_files_and_deep_overrides(tmp_path: Path) -> None:
     assert f.environment == {"OWN": "a", "FROM_FILE": "1", "SHARED": "file"}  # values as strings
     assert f.handler_file == fn_dir / "h.py"  # the include's folder, its handler file kept
     assert (f.limits.memory, f.limits.cpu) == ("2G", "1")  # merged key by key, not replaced
+
+
+def test_a_yaml_error_without_a_place_is_still_one_line(tmp_path: Path) -> None:
+    """PyYAML's reader errors (a control character) carry neither a mark nor a problem text."""
+    path = write(tmp_path, "functions:\n  f: \x07\n")
+    with pytest.raises(ConfigError) as err:
+        load_stack(path)
+    assert str(err.value) == f"{path}: not valid YAML (parse error)"
+
+
+def test_an_override_may_add_a_section_the_include_lacks(tmp_path: Path) -> None:
+    fn_dir = tmp_path / "fn"
+    fn_dir.mkdir()
+    write(fn_dir, "functions:\n  f:\n    handler: {dir: ., file: h.py}\n")
+    stack = write(
+        tmp_path, "include: [fn/config.yaml]\nfunctions:\n  f:\n    limits: {memory: 2G}\n", name="stack.yaml"
+    )
+    assert load_stack(stack).functions["f"].limits.memory == "2G"
+
+
+def test_the_default_image_is_the_name_under_the_registry_if_any(tmp_path: Path) -> None:
+    bare = write(tmp_path, "functions:\n  f: {}\n")
+    assert load_stack(bare).functions["f"].image == "f"
+    pushed = write(tmp_path, "functions:\n  f: {docker_registry: 'r.local:5000'}\n", name="r.yaml")
+    assert load_stack(pushed).functions["f"].image == "r.local:5000/f"

@@ -591,3 +591,29 @@ def test_a_stream_whose_caller_goes_away_is_cancelled_not_counted_as_unavailable
     asyncio.run(scenario(invoker, replica))
     assert count(metrics, "f", 503) == 0 and count(metrics, "f", 200) == 1
     assert replica.stream_cancelled and (fn.in_flight, replica.in_flight, invoker.streams) == (0, 0, 0)
+
+
+def test_an_answer_without_a_frame_of_its_own_is_passed_on_and_counted(clock: Clock) -> None:
+    """A replica out of step (two answers to one frame) must not crash the stream looking for a
+    frame to time the extra answer from: it is timed as taking no time."""
+    invoker, fn, replica, metrics = timed(clock, 2)
+    plain = replica.stream
+
+    def twice(requests: AsyncIterator[wpb.Request]):  # type: ignore[no-untyped-def]
+        class Call:
+            def __aiter__(self):  # type: ignore[no-untyped-def]
+                return self.gen()
+
+            async def gen(self):  # type: ignore[no-untyped-def]
+                async for reply in plain(requests):
+                    yield reply
+                    yield wpb.Reply(Output=b"again")
+
+            def cancel(self) -> None:
+                replica.stream_cancelled = True
+
+        return Call()
+
+    replica.stream = twice  # type: ignore[method-assign]
+    assert asyncio.run(_stream(invoker, "mqtt", [])) == [b"s:a", b"again"]
+    assert (fn.invocations, seconds(metrics, "mqtt", "count"), seconds(metrics, "mqtt")) == (2, 2, 2)
