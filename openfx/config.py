@@ -211,7 +211,11 @@ def yaml_error(path: Path | str, exc: yaml.YAMLError) -> ConfigError:
     """PyYAML's message spans several lines; every config error is one line with the place."""
     mark = getattr(exc, "problem_mark", None)
     where = f" line {mark.line + 1}" if mark else ""
-    return ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or 'parse error'})")
+    problem = getattr(exc, "problem", None)
+    if problem is None and isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses
+        where = f" character {exc.position + 1}"
+        problem = f"{exc.reason}: {chr(exc.character)!r}" if isinstance(exc.character, int) else exc.reason
+    return ConfigError(f"{path}:{where} not valid YAML ({problem or 'parse error'})")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

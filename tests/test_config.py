@@ -149,11 +149,14 @@ def test_environment_files_and_deep_overrides(tmp_path: Path) -> None:
 
 
 def test_a_yaml_error_without_a_place_is_still_one_line(tmp_path: Path) -> None:
-    """PyYAML's reader errors (a control character) carry neither a mark nor a problem text."""
+    """PyYAML's reader errors (a control character) carry neither a mark nor a problem text: the
+    message names the character and where it is."""
     path = write(tmp_path, "functions:\n  f: \x07\n")
     with pytest.raises(ConfigError) as err:
         load_stack(path)
-    assert str(err.value) == f"{path}: not valid YAML (parse error)"
+    assert str(err.value) == (
+        f"{path}: character 17 not valid YAML (special characters are not allowed: '\\x07')"
+    )
 
 
 def test_an_override_may_add_a_section_the_include_lacks(tmp_path: Path) -> None:
