@@ -215,10 +215,12 @@ def stack_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningG
         gw.stop()
 
 
-# Groups that take minutes (the Spark-bearing session stack, fuzzing, fault and reliability runs)
+# Groups that take minutes (the function collection's tests and the Spark-bearing session stack,
+# fuzzing, fault and reliability runs)
 # or over ~10 s each (bench smoke runs, MQTT floods, broker TLS, Prometheus, the console in
 # Chromium): marked `slow`, so `pytest -m "not slow"` runs the rest; CI runs everything.
 SLOW_MODULES = (
+    "tests/functions/",  # the collection: Spark and MLeap JVMs, training, Chromium, the README run
     "tests/test_fuzz.py",
     "tests/test_bridge_reliability.py",
     "tests/test_streaming.py",
