@@ -474,3 +474,46 @@ def test_the_gateway_log_rotates_under_a_flood_of_function_output(tmp_path: Path
         assert (tmp_path / "stdout.log").stat().st_size < 2000  # nothing floods the process's stderr
     finally:
         gw.stop()
+
+
+def _series(metrics: str, family: str) -> list[str]:
+    return [line for line in metrics.splitlines() if line.startswith(family)]
+
+
+def test_calls_to_unknown_names_share_one_metrics_label(plain: RunningGateway) -> None:
+    """An anonymous caller inventing function names must not grow /metrics: each distinct name
+    used to add ~24 series (1 MB after 300 calls). Unknown names, whether refused by the invoker
+    (404) or before it (a bad relay header, 400), are counted under function_name="<unknown>"."""
+
+    def count(code: str) -> float:
+        text = requests.get(f"{plain.http_url}/metrics", timeout=10).text
+        for line in _series(text, "gateway_function_invocation_total{"):
+            if 'function_name="<unknown>"' in line and f'code="{code}"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before_404, before_400 = count("404"), count("400")
+    before = requests.get(f"{plain.http_url}/metrics", timeout=10).text
+    prefix = "n" + "0" * 10  # names as in the probe: n and 60 digits
+    for i in range(40):
+        reply = requests.post(f"{plain.http_url}/function/n{i:060d}", data=b"x", timeout=10)
+        assert reply.status_code == 404, reply.text
+    for i in range(40, 50):  # refused in the HTTP front end before the invoker sees the call
+        reply = requests.post(
+            f"{plain.http_url}/function/n{i:060d}",
+            data=b"x",
+            headers={"X-Openfx-Timeout": "never"},
+            timeout=10,
+        )
+        assert reply.status_code == 400, reply.text
+    after = requests.get(f"{plain.http_url}/metrics", timeout=10).text
+    assert prefix not in after
+    for family in ("gateway_function_invocation_total{", "gateway_functions_seconds_count{"):
+        new = set(_series(after, family)) - set(_series(before, family))
+        assert {line.split("function_name=")[1].split('"')[1] for line in new} <= {"<unknown>"}
+    assert (count("404") - before_404, count("400") - before_400) == (40, 10)
+    assert echo_works(plain)  # a deployed function keeps its own label
+    assert (
+        'gateway_function_invocation_total{code="200",function_name="echo"}'
+        in requests.get(f"{plain.http_url}/metrics", timeout=10).text
+    )

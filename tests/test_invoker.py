@@ -140,11 +140,17 @@ def test_timeout_is_deadline_exceeded_and_504() -> None:
     assert count(metrics, "f", 504) == 1 and count(metrics, "f", 200) == 0
 
 
-def test_unknown_function_is_not_found_and_counted_under_its_name() -> None:
-    invoker, fn, _, metrics = setup()
+def test_unknown_function_is_not_found_and_counted_under_one_shared_label() -> None:
+    """Names a caller invents must not each add series to /metrics."""
+    invoker, fn, _, metrics = setup(max_inflight=1)
     err = failure(invoker.invoke("nope", b""))
     assert (err.code, err.http) == (grpc.StatusCode.NOT_FOUND, 404)
-    assert count(metrics, "nope", 404) == 1 and fn.invocations == 0
+    failure(invoker.invoke("nope2", b""))
+    assert count(metrics, "<unknown>", 404) == 2 and fn.invocations == 0
+    assert count(metrics, "nope", 404) == 0 and count(metrics, "nope2", 404) == 0
+    fn.in_flight = 1  # a deployed function refused before its call keeps its own label
+    assert failure(invoker.invoke("f", b"")).http == 429
+    assert count(metrics, "f", 429) == 1 and count(metrics, "<unknown>", 429) == 0
 
 
 def test_while_the_gateway_starts_an_unknown_function_is_unavailable_not_missing() -> None:

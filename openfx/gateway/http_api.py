@@ -142,7 +142,7 @@ def build_app(
             trigger, topic, deadline = relayed(request)
             body = await read_body(request, body_timeout)
         except InvokeError as exc:
-            metrics.observe(name, exc.http, 0.0)
+            metrics.observe(invoker.metric_label(name), exc.http, 0.0)
             return _refused(exc)
         try:
             reply = await invoker.invoke(name, body, trigger, topic, deadline)

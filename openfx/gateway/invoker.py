@@ -17,7 +17,7 @@ import grpc
 from openfx.errors import InvokeError, http_status
 from openfx.gateway.backend import Backend
 from openfx.gateway.backend import DeployedFunction as Function
-from openfx.gateway.metrics import GatewayMetrics
+from openfx.gateway.metrics import UNKNOWN_FUNCTION, GatewayMetrics
 from openfx.pb import fxwatcher_pb2 as wpb
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -76,10 +76,21 @@ class Invoker:
         _check_size(fn, payload)
         return fn
 
+    def metric_label(self, name: str, fn: Function | None = None) -> str:
+        """The function_name a call is counted under: an anonymous caller choosing names must not
+        add series to /metrics without limit, so every name that is not deployed shares one."""
+        if fn is not None:
+            return name
+        try:
+            self.backend.get(name)
+        except InvokeError:
+            return UNKNOWN_FUNCTION
+        return name
+
     def _count(self, name: str, code: int, started: float, fn: Function | None, trigger: str) -> None:
         if fn is not None:
             fn.invocations += 1
-        self.metrics.observe(name, code, time.perf_counter() - started, trigger)
+        self.metrics.observe(self.metric_label(name, fn), code, time.perf_counter() - started, trigger)
 
     async def invoke(
         self, name: str, payload: bytes, trigger: str = "grpc", topic: str = "", deadline: float | None = None

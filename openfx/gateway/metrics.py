@@ -16,6 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from openfx.errors import InvokeError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# the one function_name every call to a name that is not deployed is counted under
+UNKNOWN_FUNCTION = "<unknown>"
 # an echo through the embedded backend takes ~0.2 ms, an image model seconds: buckets span both
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
