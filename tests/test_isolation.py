@@ -255,3 +255,76 @@ def test_gateway_killed_the_watcher_takes_its_process_group_down(tmp_path: Path)
         if escaped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(escaped, signal.SIGKILL)
+
+
+HOSTILE = FIXTURES / "functions" / "hostile" / "src"
+
+
+def _deploy_hostile(gw: RunningGateway, name: str) -> None:
+    gw.stub().Deploy(
+        gpb.CreateFunctionRequest(
+            Service=name,
+            Image=name,
+            Annotations={"openfx.source": str(HOSTILE), "openfx.handler.file": "handler.py"},
+            MinReplicas=1,
+            MaxReplicas=1,
+        ),
+        timeout=60,
+    )
+    eventually(lambda: call(gw, "echo", b"x", timeout=5) == b"x", "gateway answering")
+
+
+def _root_owned_secret(folder: Path) -> tuple[Path, str]:
+    folder.mkdir(mode=0o755)
+    secret = folder / "secret"
+    word = os.urandom(12).hex()
+    secret.write_text(word)
+    secret.chmod(0o600)
+    return secret, word
+
+
+@pytest.mark.parametrize("folder", ["home", "tmp"])
+def test_a_replica_cannot_make_the_gateway_chown_through_a_symlink(
+    iso: RunningGateway, tmp_path: Path, folder: str
+) -> None:
+    """The function swaps its HOME / TMPDIR for a symlink to a root-owned folder and dies: the
+    gateway prepares the next run's folders as root, and must not hand the link's target over."""
+    victim = tmp_path / "victim"
+    secret, _ = _root_owned_secret(victim)
+    name = f"hostile-{folder}"
+    _deploy_hostile(iso, name)
+    try:
+        with contextlib.suppress(grpc.RpcError):
+            call(iso, name, f"{folder} {victim}", timeout=30)  # the replica kills itself
+        eventually(lambda: call(iso, "echo", b"y", timeout=5) == b"y", "gateway answering")
+        eventually(lambda: call(iso, name, b"ping", timeout=5) == b"pong", "the next run answering")
+        assert (victim.stat().st_uid, secret.stat().st_uid) == (0, 0), "chowned through the link"
+        assert oct(secret.stat().st_mode & 0o777) == "0o600"
+        echo_works(iso)
+    finally:
+        iso.stub().Delete(gpb.DeleteFunctionRequest(FunctionName=name), timeout=60)
+
+
+def test_a_replica_cannot_make_the_gateway_read_a_file_for_it(iso: RunningGateway, tmp_path: Path) -> None:
+    """The function links its failure file to a root-only file and exits before it is ready: the
+    gateway reads that file as root to say why, and would publish it (fn list is open to anyone)."""
+    secret, word = _root_owned_secret(tmp_path / "private")
+    name = "hostile-leak"
+    _deploy_hostile(iso, name)
+    try:
+        with contextlib.suppress(grpc.RpcError):
+            call(iso, name, f"leak {secret}", timeout=30)
+
+        def failed_again() -> bool:
+            meta = iso.stub().GetMeta(gpb.FunctionRequest(FunctionName=name), timeout=10)
+            error = meta.Annotations.get("openfx.error", "")
+            return "exited with code 1" in error or "cannot load the handler" in error
+
+        eventually(failed_again, "the replica failing at start")
+        anonymous = iso.stub(None)
+        listed = anonymous.List(gpb.Empty(), timeout=10)
+        assert word not in str(listed)
+        assert word not in Path(iso.log_path).read_text(errors="replace")
+        echo_works(iso)
+    finally:
+        iso.stub().Delete(gpb.DeleteFunctionRequest(FunctionName=name), timeout=60)

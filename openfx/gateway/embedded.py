@@ -240,8 +240,9 @@ class LocalReplica:
         def alive() -> bool:
             return process.returncode is None and not self.stopping and self.recycled is None
 
-        if await readiness.wait_async(self.lock_path, alive, float("inf")) is None or not alive():
-            failure = readiness.read(self.failed_path)
+        owners = self.dirs.owners
+        if await readiness.wait_async(self.lock_path, alive, float("inf"), owners) is None or not alive():
+            failure = readiness.read(self.failed_path, owners)
             if failure:
                 self.fn.note(f"{self.label}: cannot load the handler: {failure}", error=True)
                 self.errors_this_run += 1

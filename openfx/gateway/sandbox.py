@@ -179,12 +179,34 @@ class ReplicaDirs:
         self.grpc_address = f"unix:{self.path / 'w.grpc.sock'}"
         self.lock_file = str(self.path / "w.lock")
 
+    @property
+    def owners(self) -> frozenset[int]:
+        """Who may own the files the replica writes here (its ready and failure files)."""
+        return frozenset({self.user.uid if self.user is not None else os.geteuid()})
+
     def prepare(self) -> None:
+        """The folder (in a root-owned parent its function cannot write) and, inside it, tmp/ made
+        afresh and home/ kept. Both are in a folder the function owns, so it may have put a symlink
+        or a file in their place: a root gateway that chowned through it would hand the function
+        whatever the link names (/etc). So nothing here follows a link: rmtree does not, anything
+        but a real folder is removed, and the owner is set on a descriptor opened with O_NOFOLLOW."""
+        self.path.mkdir(mode=0o700, exist_ok=True)
+        if self.user is not None:
+            os.lchown(self.path, self.user.uid, self.user.gid)
         shutil.rmtree(self.tmp, ignore_errors=True)
-        for folder in (self.path, self.tmp, self.home):
+        if self.tmp.is_symlink() or self.tmp.exists():  # a file or a link: rmtree leaves those
+            self.tmp.unlink()
+        for folder in (self.tmp, self.home):
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                folder.unlink()
             folder.mkdir(mode=0o700, exist_ok=True)
-            if self.user is not None:
-                os.chown(folder, self.user.uid, self.user.gid)
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if self.user is not None:
+                    os.fchown(fd, self.user.uid, self.user.gid)
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
