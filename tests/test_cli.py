@@ -261,6 +261,53 @@ def test_up_detached_and_down(tmp_path: Path) -> None:
 needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
 
 
+@needs_prometheus
+def test_up_detached_writes_every_log_owner_only(tmp_path: Path) -> None:
+    """Logs hold functions' output and refused callers: other local users must not read them.
+    Every log in the state folder (gateway.log and its rotations, platform.out where the bridge
+    writes too, mosquitto.log, prometheus.log) is 0600, under a umask that would leave it 0644;
+    a platform.out an older version left 0644 is narrowed."""
+    stack = tmp_path / "openfx.yaml"
+    bridge = tmp_path / "bridge.yaml"
+    bridge.write_text(
+        (ROOT / "broker/bridge.yaml").read_text().replace("127.0.0.1:9101", f"127.0.0.1:{free_port()}")
+    )
+    stack.write_text(
+        f"include: [{ROOT}/functions/echo/config.yaml]\n"
+        f"mqtt: {{port: {free_port()}, persistence: false, bridge: {bridge}}}\n"
+    )
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "platform.out").write_bytes(b"from an older version\n")
+    (state / "platform.out").chmod(0o644)
+    env = {
+        "OPENFX_HOME": str(state),
+        "OPENFX_CONFIG": str(tmp_path / "home" / "config.yaml"),
+        "OPENFX_LOG_MAX_BYTES": "100",  # the start's own lines rotate gateway.log
+        "OPENFX_LOG_BACKUPS": "2",
+    }
+    grpc_address, http, console, prometheus = (f"127.0.0.1:{free_port()}" for _ in range(4))
+    where = ("--grpc", grpc_address, "--http", http, "--console", console, "--prometheus", prometheus)
+    umask = os.umask(0o022)
+    try:
+        out = cli("up", "-d", "-f", str(stack), *where, "--monitoring", env=env)
+    finally:
+        os.umask(umask)
+    try:
+        assert out.returncode == 0, out.stderr
+        logs = {
+            p.name: p.stat().st_mode & 0o777
+            for p in state.iterdir()
+            if ".log" in p.name or p.suffix == ".out"
+        }
+        expected = {"gateway.log", "gateway.log.1", "platform.out", "mosquitto.log", "prometheus.log"}
+        assert expected <= set(logs), logs
+        assert logs == dict.fromkeys(logs, 0o600), logs
+    finally:
+        down = cli("down", "-f", str(stack), env=env)
+    assert down.returncode == 0, down.stderr
+
+
 Up = tuple[subprocess.CompletedProcess[bytes], dict[str, str], str]
 
 

@@ -24,7 +24,7 @@ from openfx import readiness
 from openfx.cli.token import ensure_local_token
 from openfx.config import ConfigError, StackFile, load_stack
 from openfx.gateway.app import GatewaySettings, scale_to_zero_from_env
-from openfx.state import state_dir
+from openfx.state import open_private_log, state_dir
 
 
 def _running_pid(pid_file: Path) -> int | None:
@@ -172,7 +172,7 @@ def up(
     log_path = folder / "gateway.log"  # rotated by the platform itself (--log-file)
     ready_file = folder / readiness.PLATFORM_READY
     readiness.clear(ready_file)
-    with open(folder / "platform.out", "ab") as out:  # what is written before logging is set up
+    with open_private_log(folder / "platform.out") as out:  # what is written before logging is set up
         proc = subprocess.Popen(
             [*args, "--log-file", str(log_path), "--state-dir", str(folder)],
             stdout=out,
@@ -228,7 +228,7 @@ def _start_prometheus(
         raise click.ClickException(f"prometheus already running (pid {pid}); stop it with 'openfx-cli down'")
     config = folder / "prometheus.yml"
     config.write_text(yaml.safe_dump(embedded_prometheus_config(gateway_http, triggers), sort_keys=False))
-    with open(folder / "prometheus.log", "ab") as out:
+    with open_private_log(folder / "prometheus.log") as out:
         proc = subprocess.Popen(
             [
                 binary,

@@ -33,6 +33,7 @@ from openfx.gateway.grpc_api import GatewayServicer
 from openfx.gateway.guards import HostNames, browser_guard
 from openfx.gateway.http_api import build_app
 from openfx.gateway.invoker import Invoker
+from openfx.gateway.logs import PrivateRotatingFileHandler
 from openfx.gateway.management import Management
 from openfx.gateway.metrics import GatewayMetrics
 from openfx.pb import fxgateway_pb2 as gpb
@@ -483,7 +484,7 @@ def configure_logging(settings: GatewaySettings) -> None:
     handler: logging.Handler
     if settings.log_file:
         Path(settings.log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(
+        handler = PrivateRotatingFileHandler(
             settings.log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups
         )
     else:

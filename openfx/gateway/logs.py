@@ -9,7 +9,10 @@ so the pump keeps reading and a handler never blocks on a full pipe. `RecentOutp
 from __future__ import annotations
 
 import collections
+import logging.handlers
 from collections.abc import Iterator
+
+from openfx.state import private_opener
 
 MAX_LINE_BYTES = 4096
 LOG_LINES = 2000
@@ -80,3 +83,13 @@ class RecentOutput:
 
 def _size(line: str) -> int:
     return len(line.encode("utf-8", "replace")) + 1
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """The gateway's log file, and every file it rotates into, readable by its owner only: it
+    holds functions' output and callers' refused requests."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        return open(
+            self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors, opener=private_opener
+        )

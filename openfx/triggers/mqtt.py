@@ -14,6 +14,7 @@ from pydantic import Field
 from openfx import defaults, readiness
 from openfx.bridge import mosquitto
 from openfx.config import StackFile, Strict
+from openfx.state import open_private_log
 from openfx.triggers.base import PlatformContext, Trigger, TriggerError, supervise
 
 BRIDGE_READY_SECONDS = 20.0
@@ -102,7 +103,7 @@ class MqttTrigger(Trigger):
         """Start the broker before the functions: a taken port fails the platform at once."""
         try:
             mosquitto.find_mosquitto()
-            self.broker_log = open(self.context.state_dir / "mosquitto.log", "ab")  # noqa: SIM115
+            self.broker_log = open_private_log(self.context.state_dir / "mosquitto.log")
             first = await asyncio.to_thread(self._start_broker)
         except mosquitto.BrokerError as exc:
             raise TriggerError(str(exc)) from None
