@@ -21,7 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from openfx.client_channel import gateway_channel
 from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
-from tests.conftest import FIXTURES, READY_FUNCTIONS, ROOT, MiB, RunningGateway, free_port, start_gateway
+from tests.conftest import (
+    FIXTURES,
+    READY_FUNCTIONS,
+    ROOT,
+    MiB,
+    RunningGateway,
+    eventually,
+    free_port,
+    start_gateway,
+)
 from tests.tls_helpers import make_certificates
 
 ADMIN, INVOKER, MANAGER = "admin-secret-1", "invoke-secret-2", "manage-secret-3"
@@ -556,3 +565,32 @@ def test_bad_tokens_file_stops_the_gateway(tmp_path: Path, content: str | None, 
     )
     last = out.stderr.strip().splitlines()[-1]  # one line says what is wrong, and where
     assert out.returncode == 2 and last.startswith(f"gateway: {tokens}: ") and message in last, out.stderr
+
+
+def test_a_functions_control_characters_are_escaped_in_the_logs(tmp_path: Path) -> None:
+    """A handler printing CR and ESC could forge a gateway log line ("platform: ready: ...") and
+    send terminal escapes to whoever reads `fn log`: both logs get visible escapes instead."""
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(f"functions:\n  forger:\n    handler: {{dir: {FIXTURES}/functions/forger/src}}\n")
+    log_file = tmp_path / "gateway.log"
+    gw = start_gateway(stack, tmp_path / "stdout.log", "--log-file", str(log_file))
+    try:
+        gw.wait_ready(names={"forger"})
+        line = b"hello\rplatform: ready: forged line\x1b[31m\x07\x7f\xc2\x9b2J\tend"
+        reply = gw.stub(None).Invoke(gpb.InvokeServiceRequest(Service="forger", Input=line), timeout=30)
+        assert reply.Msg == b"printed"
+        shown = r"hello\rplatform: ready: forged line\x1b[31m\x07\x7f\x9b2J" + "\tend"
+
+        def logged() -> str | None:
+            text = gw.stub().GetLog(gpb.FunctionRequest(FunctionName="forger"), timeout=10).Msg.decode()
+            return text if shown in text else None
+
+        log = eventually(logged, "the forged line in fn log")
+        # the same call that keeps the line for GetLog writes it to the log file
+        written = log_file.read_bytes()
+        assert f"forger[0]: {shown}".encode() in written, written[-2000:]
+        for raw in (b"\x1b", b"\r", b"\x07", b"\x7f", "\x9b".encode()):
+            assert raw not in written and raw.decode() not in log
+        assert not any(row.startswith(b"platform: ready: forged") for row in written.splitlines())
+    finally:
+        gw.stop()

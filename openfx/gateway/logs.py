@@ -19,6 +19,19 @@ LOG_LINES = 2000
 LOG_BYTES = 1 << 20
 
 
+# C0 controls except tab, plus DEL and the C1 controls, shown as visible escapes: a handler printing "\r" or
+# ESC must not forge a gateway log line or send terminal escapes to whoever reads `fn log`
+_CONTROLS = {
+    c: {0x0D: "\\r", 0x0A: "\\n"}.get(c, f"\\x{c:02x}")
+    for c in (*range(0x20), *range(0x7F, 0xA0))
+    if c != 0x09
+}
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
 class LineCutter:
     def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
         self.max_line = max_line
@@ -47,7 +60,7 @@ class LineCutter:
         self._cut += max(0, len(piece) - room)
 
     def _line(self) -> str:
-        text = self._kept.decode("utf-8", "replace").rstrip("\r")
+        text = escape_controls(self._kept.decode("utf-8", "replace").rstrip("\r"))
         if self._cut:
             text += f"…[cut {self._cut} bytes]"
         self._kept = bytearray()
