@@ -27,6 +27,7 @@ from openfx.gateway.app import (
     configure_logging,
     settings_from,
 )
+from openfx.gateway.auth import INVOKE
 from openfx.state import state_dir
 from openfx.triggers import KINDS, PlatformContext, Trigger, TriggerError
 
@@ -53,6 +54,15 @@ def _token(settings: GatewaySettings) -> str | None:
     return os.environ.get("OPENFX_TOKEN") or None
 
 
+def _invoke_token(settings: GatewaySettings, gateway: Gateway) -> str | None:
+    """What a trigger that only invokes carries: nothing while invoking is open; the invoke token
+    when one is set (least privilege: the bridge never holds the manage scope then); else the
+    platform's own token, so configured tokens do not leave MQTT requests unauthenticated."""
+    if gateway.tokens.is_open(INVOKE):
+        return None
+    return os.environ.get("OPENFX_INVOKE_TOKEN") or _token(settings)
+
+
 async def run(stack_path: Path, stack: StackFile, settings: GatewaySettings, state_dir: Path) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -73,6 +83,7 @@ async def run(stack_path: Path, stack: StackFile, settings: GatewaySettings, sta
         _token(settings),
         gateway.metrics.registry,
         gateway_http=f"{'https' if settings.tls else 'http'}://{_reachable(settings.http_address)}",
+        invoke_token=_invoke_token(settings, gateway),
     )
     triggers: list[Trigger] = [t for kind in KINDS.values() if (t := kind.from_stack(context)) is not None]
     started: list[Trigger] = []

@@ -258,6 +258,44 @@ def test_up_detached_and_down(tmp_path: Path) -> None:
         assert s.connect_ex(("127.0.0.1", mqtt_port)) != 0  # the broker stopped too
 
 
+def test_up_with_an_invoke_token_gives_the_bridge_a_token(tmp_path: Path) -> None:
+    """With OPENFX_INVOKE_TOKEN set, invoking needs a token: the bridge the platform starts must
+    carry one, or every MQTT request is answered UNAUTHENTICATED."""
+    stack, mqtt_port = tmp_path / "openfx.yaml", free_port()
+    bridge = tmp_path / "bridge.yaml"
+    bridge.write_text(
+        (ROOT / "broker/bridge.yaml").read_text().replace("127.0.0.1:9101", f"127.0.0.1:{free_port()}")
+    )
+    stack.write_text(
+        f"include: [{ROOT}/functions/echo/config.yaml]\n"
+        f"mqtt: {{port: {mqtt_port}, persistence: false, bridge: {bridge}}}\n"
+    )
+    env = {
+        "OPENFX_HOME": str(tmp_path / "state"),
+        "OPENFX_CONFIG": str(tmp_path / "home" / "config.yaml"),
+        "OPENFX_INVOKE_TOKEN": "invoke-only-secret",
+    }
+    where = [a for _ in range(3) for a in ("", f"127.0.0.1:{free_port()}")]
+    where[0::2] = ["--grpc", "--http", "--console"]
+    out = cli("up", "-d", "-f", str(stack), *where, "--no-scale-to-zero", env=env)
+    try:
+        assert out.returncode == 0, out.stderr
+        anonymous = cli(
+            "fn", "call", "echo", "-g", where[1], stdin=b"x", env={"OPENFX_CONFIG": str(tmp_path / "none")}
+        )
+        assert anonymous.returncode == 1 and b"missing bearer token" in anonymous.stderr  # invoking is closed
+        device = Device(mqtt_port, ["fn/echo/reply", "dlq/fn/echo"])
+        try:
+            device.request("fn/echo", b"over mqtt with tokens")
+            reply = device.next()
+            assert (reply.topic, reply.payload) == ("fn/echo/reply", b"over mqtt with tokens")
+        finally:
+            device.close()
+    finally:
+        down = cli("down", "-f", str(stack), env=env)
+    assert down.returncode == 0, down.stderr
+
+
 needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
 
 

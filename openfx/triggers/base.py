@@ -88,6 +88,7 @@ class PlatformContext:
     token: str | None = None  # the platform's token for the gateway, if it needs one
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)  # the gateway's /metrics
     gateway_http: str = ""  # the gateway's HTTP base URL (the MQTT bridge calls its trigger route)
+    invoke_token: str | None = None  # for triggers that only invoke (the bridge): no manage scope
     metrics: TriggerMetrics = field(init=False)
 
     def __post_init__(self) -> None:

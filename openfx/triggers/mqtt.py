@@ -5,6 +5,7 @@ through the gateway and publishes the reply (see openfx/bridge/bridge.py for the
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,8 @@ class MqttTrigger(Trigger):
                 *(["--gateway-http", self.context.gateway_http] if self.context.gateway_http else []),
             ],
             stdin=subprocess.DEVNULL,
+            # a token in the bridge's config still wins over OPENFX_TOKEN
+            env={**os.environ, "OPENFX_TOKEN": token} if (token := self.context.invoke_token) else None,
         )
 
     async def prepare(self) -> None:
