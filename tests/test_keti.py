@@ -128,9 +128,11 @@ def test_fn_build_in_the_functions_folder_feeds_a_platform_started_by_up(
 ) -> None:
     """KETI's workflow: `fn build` in the function's own folder, then the platform started by
     `openfx-cli up` from another folder with `-f` naming a third: both use the user's one image
-    store (~/.openfx/images), so KETI's Deploy by image answers."""
+    store (~/.openfx/images), so KETI's Deploy by image answers, also from a home the function user
+    cannot enter (a root gateway runs a copy of the image's function folder)."""
     monkeypatch.delenv("OPENFX_HOME", raising=False)  # the default store, not a relocated one
-    with shared_tmp() as home:  # the user's home, readable by the function user
+    with shared_tmp() as home:
+        home.chmod(0o700)  # a home like /root's: the function user cannot enter the image store
         env = {"HOME": str(home), "OPENFX_CONFIG": str(tmp_path / "no-config.yaml")}
         function = tmp_path / "keti-echo"
         shutil.copytree(KETI / "keti-echo", function)

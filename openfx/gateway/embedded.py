@@ -23,8 +23,10 @@ import contextlib
 import itertools
 import logging
 import math
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -35,7 +37,7 @@ import grpc
 from openfx import env as environ
 from openfx import fn as fn_module
 from openfx import hops, parent, procgroup, readiness
-from openfx.build.images import ImageStore, images_dir, missing_requirements
+from openfx.build.images import ImageStore, StoredImage, images_dir, missing_requirements
 from openfx.errors import InvokeError, not_found
 from openfx.function_def import HANDLER_FILE, HANDLER_NAME, FunctionDef
 from openfx.gateway import sandbox
@@ -735,6 +737,28 @@ class EmbeddedBackend:
             **kept,  # type: ignore[arg-type]
         )
 
+    def _readable_copy(self, stored: StoredImage) -> Path:
+        """The stored image's handler folder, as the replicas' user can read it. The store lives in
+        the home of whoever built it (~/.openfx/images: /root/.openfx is 0700), which the function
+        user cannot enter; so a root gateway copies the image's function folder, like a container
+        runtime unpacks an image, into its replicas' folder (root's, others may only traverse)
+        and copies it again when `fn build` has rewritten it."""
+        if self.user is None:
+            return stored.handler_dir
+        built = stored.handler_dir.parent  # the context's function/ folder
+        target = self.replicas_root / "images" / built.parent.name
+        stamp = str(max(path.stat().st_mtime_ns for path in (built, *built.rglob("*"))))
+        if readiness.read(target / ".built") == stamp:
+            return target / "function" / stored.handler_dir.name
+        target.parent.mkdir(mode=0o711, exist_ok=True)
+        fresh = Path(tempfile.mkdtemp(dir=target.parent, prefix=".copy-"))
+        shutil.copytree(built, fresh / "function", symlinks=True)
+        readiness.mark_ready(fresh / ".built", stamp)
+        fresh.chmod(0o755)
+        shutil.rmtree(target, ignore_errors=True)
+        fresh.rename(target)
+        return target / "function" / stored.handler_dir.name
+
     def _resolve(self, definition: FunctionDef, current: FunctionDef | None = None) -> FunctionDef:
         """A Deploy/Update naming an image and no source (KETI's CLI): start it from that image's
         source, the local image store's build context or a function deployed from source with that
@@ -756,7 +780,7 @@ class EmbeddedBackend:
                 )
             return replace(
                 definition,
-                handler_dir=stored.handler_dir,
+                handler_dir=self._readable_copy(stored),
                 handler_file=ann.get(HANDLER_FILE, stored.handler_file),
                 handler_name=ann.get(HANDLER_NAME, stored.handler_name),
             )
