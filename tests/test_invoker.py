@@ -134,10 +134,38 @@ def test_timeout_is_deadline_exceeded_and_504() -> None:
     assert (err.code, err.http, err.message) == (
         grpc.StatusCode.DEADLINE_EXCEEDED,
         504,
-        "function f timed out after 0.01s",
+        "function f timed out after 0.01s (its timeout)",
     )
     assert (fn.invocations, fn.in_flight, replica.in_flight) == (1, 0, 0)
     assert count(metrics, "f", 504) == 1 and count(metrics, "f", 200) == 0
+
+
+def test_a_timeout_says_whether_the_function_or_the_caller_ran_out() -> None:
+    """The call's timeout is the shorter of the two: the caller's deadline must not be blamed on the
+    function, and gRPC's remaining time (0.499017 s of a 0.5 s deadline) reads as what was set."""
+    invoker, fn, replica, metrics = setup(timeout=30)
+    replica.fail = TimeoutError()  # the replica's wait ran out (at once: no real waiting)
+    said = {
+        deadline: failure(invoker.invoke("f", b"", deadline=deadline)).message
+        for deadline in (None, 0.499017, 12.4, 29.99, 30, 45)
+    }
+    assert said == {
+        None: "function f timed out after 30s (its timeout)",
+        0.499017: "call to f passed the caller's deadline (0.5s)",
+        12.4: "call to f passed the caller's deadline (12s)",
+        29.99: "call to f passed the caller's deadline (30s)",  # rounded, but the caller's all the same
+        30: "function f timed out after 30s (its timeout)",  # as long as its own: the function's
+        45: "function f timed out after 30s (its timeout)",
+    }
+    assert replica.timeouts == [30, 0.499017, 12.4, 29.99, 30, 30]
+    fn.definition.timeout = 2.5
+    err = failure(invoker.invoke("f", b""))
+    assert (err.code, err.http, err.message) == (
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        504,
+        "function f timed out after 2.5s (its timeout)",
+    )
+    assert count(metrics, "f", 504) == 7 and fn.in_flight == replica.in_flight == 0
 
 
 def test_unknown_function_is_not_found_and_counted_under_one_shared_label() -> None:

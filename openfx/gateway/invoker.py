@@ -37,6 +37,24 @@ def watcher_request(fn: Function, payload: bytes, trigger: str, topic: str = "")
     )
 
 
+def _rounded(seconds: float) -> str:
+    """A duration as a person reads it: gRPC's remaining time (0.499017) is the 0.5 s they set."""
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.2g}s"
+
+
+def _timed_out(name: str, own: float, deadline: float | None, timeout: float) -> InvokeError:
+    """The call's timeout is the shorter of the function's and the caller's: say which ran out, so
+    a caller's short deadline is not blamed on the function (and the other way round)."""
+    if deadline is not None and timeout < own:
+        return InvokeError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"call to {name} passed the caller's deadline ({_rounded(deadline)})",
+        )
+    return InvokeError(
+        grpc.StatusCode.DEADLINE_EXCEEDED, f"function {name} timed out after {_rounded(own)} (its timeout)"
+    )
+
+
 def _check_size(fn: Function, payload: bytes) -> None:
     limit = fn.definition.max_request_bytes
     if limit and len(payload) > limit:
@@ -111,9 +129,7 @@ class Invoker:
                 try:
                     reply = await replica.call(watcher_request(fn, payload, trigger, topic), timeout)
                 except TimeoutError:
-                    raise InvokeError(
-                        grpc.StatusCode.DEADLINE_EXCEEDED, f"function {name} timed out after {timeout:g}s"
-                    ) from None
+                    raise _timed_out(name, fn.definition.timeout, deadline, timeout) from None
                 finally:
                     replica.in_flight -= 1
             finally:
