@@ -60,6 +60,17 @@ def test_friendly_errors(gateway: RunningGateway, tmp_path: Path) -> None:
     assert out.stderr.decode().strip() == (
         "Error: function 'nope' not found ('openfx-cli fn list' shows what is deployed)"
     )
+    out = cli("down", "-f", str(tmp_path / "none.yaml"), env={"OPENFX_HOME": ""})
+    assert (
+        out.stderr.decode().strip()
+        == f"Error: {tmp_path / 'none.yaml'}: file not found (give down the -f you gave up)"
+    )
+    (tmp_path / "idle.yaml").write_text("functions: {}\n")
+    out = cli("down", "-f", str(tmp_path / "idle.yaml"), env={"OPENFX_HOME": ""})
+    assert out.stderr.decode().strip() == (
+        f"Error: not running (no live pid in {tmp_path / '.openfx' / 'gateway.pid'}): "
+        "run down with the same -f and OPENFX_HOME as up"
+    )
     out = cli("fn", "call", "echo", "-g", f"127.0.0.1:{free_port()}", stdin=b"x")
     assert out.returncode == 1 and b"cannot reach the gateway" in out.stderr
     assert out.stderr.count(b"\n") == 1

@@ -3,6 +3,8 @@ documented code, and its logger writes to the function's log."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +64,14 @@ def test_statuses_and_log_through_the_gateway(author: RunningGateway, tmp_path: 
     assert stub.Invoke(gpb.InvokeServiceRequest(Service="author", Input=b"ok"), timeout=10).Msg == b"fine: ok"
     log = stub.GetLog(gpb.FunctionRequest(FunctionName="author"), timeout=10).Msg.decode()
     assert "author got 'ok'" in log and "author got 'later'" in log
+    # the CLI keeps a handler's NOT_FOUND as it is; its "fn list" hint is for a missing function only
+    cli = [str(Path(sys.executable).parent / "openfx-cli"), "fn", "call", "-g", author.grpc_address]
+    said = subprocess.run([*cli, "author"], input=b"missing", capture_output=True, timeout=60)
+    assert said.stderr.decode().strip() == "Error: NOT_FOUND: answer for missing"
+    said = subprocess.run([*cli, "nobody"], input=b"x", capture_output=True, timeout=60)
+    assert said.stderr.decode().strip() == (
+        "Error: function 'nobody' not found ('openfx-cli fn list' shows what is deployed)"
+    )
 
 
 def test_load_failures_are_named_with_the_users_line(tmp_path: Path) -> None:

@@ -46,10 +46,12 @@ def keti_request(name: str, image: str) -> gpb.CreateFunctionRequest:
     )
 
 
-def cli(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str], cwd: Path = ROOT, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(Path(sys.executable).parent / "openfx-cli"), *args],
-        input="",  # `fn run` reads stdin: an empty input, never the test run's
+        input=stdin,  # `fn run` reads stdin: never the test run's
         capture_output=True,
         text=True,
         env={**os.environ, **env},
@@ -307,3 +309,19 @@ def test_headline_mood_composes_crawler_and_sentiment(keti_gateway: RunningGatew
     assert [line.split(",")[0] for line in out] == ["1", "2"]
     assert out[0].endswith(",A wonderful happy day") and float(out[0].split(",")[1]) > 0
     assert out[1].endswith(",A terrible awful loss") and float(out[1].split(",")[1]) < 0
+
+
+def test_fn_run_sends_the_handlers_own_calls_to_the_configs_gateway(
+    keti_gateway: RunningGateway, tmp_path: Path
+) -> None:
+    """`fn run` of a function that calls another (`mesh.mesh_call`): the call goes to the gateway
+    the config names (`openfx.gateway`), as `fn call` would, not to a cluster's service name."""
+    source = KETI / "functions" / "mesh-caller" / "src"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"functions:\n  caller:\n    runtime: python3\n    handler: {{dir: {source}, file: handler.py}}\n"
+        f"openfx:\n  gateway: {keti_gateway.grpc_address}\n"
+    )
+    ran = cli("fn", "run", "-f", str(config), stdin="hi", env={}, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "mesh:hi"

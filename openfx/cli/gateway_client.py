@@ -11,6 +11,7 @@ import grpc
 
 from openfx.client_channel import gateway_channel
 from openfx.config import DEFAULT_GATEWAY
+from openfx.errors import not_found
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
 
 T = TypeVar("T")
@@ -59,6 +60,7 @@ def explain(exc: grpc.RpcError, address: str, what: str = "") -> str:
         )
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return f"{details}: set OPENFX_TOKEN (or openfx.token_file in the config) to a gateway token"
-    if code == grpc.StatusCode.NOT_FOUND and what:
+    if code == grpc.StatusCode.NOT_FOUND and what and details == not_found(what).message:
+        # the gateway's own "no such function"; a handler's NOT_FOUND keeps its code and words
         return f"{details} ('openfx-cli fn list' shows what is deployed)"
     return f"{code.name}: {details}"

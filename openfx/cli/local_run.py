@@ -14,6 +14,7 @@ import grpc
 
 from openfx import readiness
 from openfx.config import FunctionSpec
+from openfx.fn import GATEWAY_ENV
 from openfx.pb import fxwatcher_pb2 as wpb
 from openfx.pb import fxwatcher_pb2_grpc as wpb_grpc
 from openfx.watcher.server import WatcherSettings
@@ -25,7 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_once(name: str, spec: FunctionSpec, payload: bytes, timeout: float) -> bytes:
+def run_once(name: str, spec: FunctionSpec, payload: bytes, timeout: float, gateway: str = "") -> bytes:
+    """Start the watcher, call it once with `payload`, stop it. `gateway` (host:port) is where the
+    handler's own calls to other functions go, unless the environment or the function names one."""
     if not spec.handler_file.is_file():
         raise click.ClickException(f"handler not found: {spec.handler_file}")
     address = f"127.0.0.1:{_free_port()}"
@@ -38,7 +41,7 @@ def run_once(name: str, spec: FunctionSpec, payload: bytes, timeout: float) -> b
         settings.lock_file = str(Path(tmp) / "lock")
         proc = subprocess.Popen(
             [sys.executable, "-m", "openfx.watcher"],
-            env={**os.environ, **spec.environment, **settings.to_env()},
+            env={GATEWAY_ENV: gateway, **os.environ, **spec.environment, **settings.to_env()},
             stdout=sys.stderr,
             stderr=sys.stderr,
         )

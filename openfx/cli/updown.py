@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import yaml
 
-from openfx import readiness
+from openfx import env, readiness
 from openfx.cli.token import ensure_local_token
 from openfx.config import ConfigError, StackFile, load_stack
 from openfx.gateway.app import GatewaySettings, scale_to_zero_from_env
@@ -116,8 +116,8 @@ def up(
     access: list[str] = []
     if open_management:
         click.echo(
-            "WARNING: --open-management: any local user or program (and any web page able to reach "
-            "127.0.0.1) that can send JSON can deploy code on this machine",
+            "WARNING: --open-management: any local user or program that reaches 127.0.0.1 can deploy "
+            "code on this machine (web pages stay out: the Host, Origin and JSON-only checks still apply)",
             err=True,
         )
         access = ["--open-management"]
@@ -331,6 +331,8 @@ def _tail(path: Path, count: int = 5) -> list[str]:
 @click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for a clean stop")
 def down(stack_file: str, timeout: float) -> None:
     """Stop the background platform started by `up -d` (and its Prometheus, if --monitoring)."""
+    if not Path(stack_file).is_file() and not env.optional("OPENFX_HOME"):  # its state sits beside it
+        raise click.ClickException(f"{stack_file}: file not found (give down the -f you gave up)")
     prometheus_pid = state_dir(stack_file) / "prometheus.pid"
     if (pid := _running_pid(prometheus_pid)) is not None:
         os.kill(pid, signal.SIGTERM)
@@ -339,7 +341,9 @@ def down(stack_file: str, timeout: float) -> None:
     pid = _running_pid(pid_file)
     if pid is None:
         pid_file.unlink(missing_ok=True)
-        raise click.ClickException("not running (no live pid in .openfx/gateway.pid)")
+        raise click.ClickException(
+            f"not running (no live pid in {pid_file}): run down with the same -f and OPENFX_HOME as up"
+        )
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
