@@ -165,6 +165,23 @@ def test_without_scaling_keys_the_count_is_fixed(gw: RunningGateway) -> None:
     assert counts(gw, "fixed") == (1, 1)
 
 
+def test_releasing_a_pin_on_a_fixed_function_goes_back_to_its_configured_count(gw: RunningGateway) -> None:
+    """Without a [min, max] range no autoscaler takes a released count back: the release itself
+    returns it to the config's (it stayed at the pinned 2 while `fn info` said fixed)."""
+    where = ("-g", gw.grpc_address)
+    gw.stub().ReplicaUpdate(gpb.ScaleServiceRequest(ServiceName="fixed", Replicas=2), timeout=30)
+    eventually(lambda: counts(gw, "fixed") == (2, 2), "fixed pinned at 2")
+    out = cli("fn", "scale", "fixed", "--auto", *where, env=gw.admin_env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"fixed: released the pinned count of 2; back to the configured 1\n"
+    eventually(lambda: counts(gw, "fixed") == (1, 1), "fixed back at its configured 1")
+    assert meta(gw, "fixed").Annotations["openfx.scaling"] == "fixed"
+    assert "fixed: released the pinned count of 2; back to the configured 1" in gw.log()
+    again = cli("fn", "scale", "fixed", "--auto", *where, env=gw.admin_env)  # nothing to release
+    assert again.returncode == 0 and again.stdout == b"fixed: not pinned; fixed at 1\n", again.stderr
+    assert counts(gw, "fixed") == (1, 1)
+
+
 def test_a_stream_after_zero_starts_a_replica(gw: RunningGateway) -> None:
     wait_for(lambda: counts(gw, "streamy") == (0, 0), "streamy at zero")
     frames = (gpb.InvokeServiceRequest(Service="streamy", Input=x) for x in (b"a", b"b", b"c"))
@@ -180,7 +197,8 @@ def test_the_cli_pins_releases_and_shows_the_scaling(gw: RunningGateway) -> None
     info = cli("fn", "info", "solo", *where, env=gw.admin_env).stdout.decode()
     assert "scaling: pinned at 2" in info
     out = cli("fn", "scale", "solo", "--auto", *where, env=gw.admin_env)
-    assert out.returncode == 0 and b"solo: autoscaling" in out.stdout, out.stderr
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"solo: released the pinned count of 2; autoscaling decides again\n"
     wait_for(lambda: counts(gw, "solo") == (0, 0), "solo back at zero")
     listing = cli("fn", "list", *where, env=gw.admin_env).stdout.decode()
     assert re.search(r"solo .* 0/0 +Scaled to zero", listing), listing

@@ -387,18 +387,26 @@ def info(ctx: click.Context, name: str, config: str | None) -> None:
 @function.command()
 @click.argument("name")
 @click.argument("replicas", type=click.IntRange(0), required=False)
-@click.option("--auto", is_flag=True, help="release a pinned count: the autoscaler decides again")
+@click.option(
+    "--auto", is_flag=True, help="release a pinned count: to the autoscaler, or a fixed count to its config's"
+)
 @_subgateway
 @click.pass_context
 def scale(ctx: click.Context, name: str, replicas: int | None, auto: bool) -> None:
     """Set NAME's replicas to REPLICAS and pin them there (the autoscaler leaves the count), or
-    with --auto give the count back to the autoscaler."""
+    with --auto give the count back to the autoscaler (or to the config, for a fixed count)."""
     if (replicas is None) == (not auto):
         raise click.ClickException("give a replica count or --auto (not both)")
     count = SCALE_AUTO if auto else replicas
     gw = _gateway(ctx)
-    gw.call(gw.stub.ReplicaUpdate, gpb.ScaleServiceRequest(ServiceName=name, Replicas=count), 60, what=name)
-    click.echo(f"{name}: autoscaling" if auto else f"{name}: pinned at {replicas} replicas")
+    reply = gw.call(
+        gw.stub.ReplicaUpdate, gpb.ScaleServiceRequest(ServiceName=name, Replicas=count), 60, what=name
+    )
+    if not auto:
+        click.echo(f"{name}: pinned at {replicas} replicas")
+    else:  # our gateway says what the release did (a fixed function goes back to its config's count)
+        said = reply.Msg.decode(errors="replace")
+        click.echo(f"{name}: {said if said and said != 'OK' else 'autoscaling'}")
 
 
 @function.command()

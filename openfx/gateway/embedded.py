@@ -412,6 +412,8 @@ class LocalFunction:
     _rr: itertools.count[int] = field(default_factory=itertools.count)
     # scaling: a count pinned by ReplicaUpdate (None: the autoscaler's), replicas leaving, load samples
     pinned: int | None = None
+    # the count its config asks for (scale_to rewrites definition.replicas): a released pin goes back to it
+    configured: int = 1
     draining: set[LocalReplica] = field(default_factory=set)
     start_failures: int = 0
     last_active: float = field(default_factory=time.monotonic)
@@ -731,6 +733,7 @@ class EmbeddedBackend:
             definition,
             self.replicas_root,
             self.max_message_bytes,
+            configured=definition.replicas,
             on_gauge=self.on_gauge,
             enforcement=enforcement,
             backend=self,
@@ -854,13 +857,24 @@ class EmbeddedBackend:
         surplus = fn.rescale(count, "pin", "set by ReplicaUpdate; the autoscaler leaves it until unpinned")
         await asyncio.gather(*(r.stop(self.grace) for r in surplus))
 
-    async def unpin(self, name: str) -> None:
-        """Give the count back to the autoscaler (`openfx-cli fn scale NAME --auto`)."""
+    async def unpin(self, name: str) -> str:
+        """Release a pin (`openfx-cli fn scale NAME --auto`): the autoscaler decides again, or for a
+        function without a [min, max] range (nothing to decide) the count goes back to its config's,
+        else it would stay at the pinned count while `fn info` says fixed. Returns what happened,
+        for the caller to show."""
         fn = self.get(name)
-        if fn.pinned is not None:
-            fn.note(f"{name}: released the pinned count of {fn.pinned}; autoscaling decides again")
-        fn.pinned = None
+        pin, fn.pinned = fn.pinned, None
         fn.last_change = fn.last_active = time.monotonic()
+        fixed = not fn.definition.autoscaling
+        if pin is None:
+            return "not pinned; " + (f"fixed at {fn.configured}" if fixed else "autoscaling")
+        then = f"back to the configured {fn.configured}" if fixed else "autoscaling decides again"
+        line = f"released the pinned count of {pin}; {then}"
+        fn.note(f"{name}: {line}")
+        if fixed:
+            surplus = fn.rescale(fn.configured, "pin", "released to the count its config asks for")
+            await asyncio.gather(*(r.stop(self.grace) for r in surplus))
+        return line
 
     def scaled(self, name: str, desired: int, event: str) -> None:
         """Tell /metrics the desired count (and count a scale event unless `event` is empty)."""

@@ -77,8 +77,7 @@ class Management:
                     grpc.StatusCode.UNIMPLEMENTED,
                     f"the {self.backend.mode} backend has no autoscaler to give {name} back to",
                 )
-            await unpin(name)
-            return OK
+            return gpb.Message(Msg=(await unpin(name)).encode())  # what happened, for the CLI to show
         if replicas > MAX_REPLICAS:
             raise InvokeError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_REPLICAS} replicas in embedded mode"
