@@ -191,7 +191,10 @@ def run(name: str | None, config: str, timeout: float) -> None:
         name = next(iter(stack.functions))
     if name not in stack.functions:
         raise click.ClickException(f"function {name!r} is not in {config}")
-    output = run_once(name, stack.functions[name], _stdin(), timeout)
+    # the handler's own fn.call / mesh.mesh_call go to the gateway the config names, as `fn call` does
+    config_gateway = stack.openfx.gateway if "gateway" in stack.openfx.model_fields_set else None
+    gateway = resolve_gateway(None, config_gateway)
+    output = run_once(name, stack.functions[name], _stdin(), timeout, gateway)
     sys.stdout.buffer.write(output)
     sys.stdout.flush()
 
