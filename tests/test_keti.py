@@ -325,3 +325,11 @@ def test_fn_run_sends_the_handlers_own_calls_to_the_configs_gateway(
     ran = cli("fn", "run", "-f", str(config), stdin="hi", env={}, cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout == "mesh:hi"
+
+
+def test_fn_deploy_in_the_functions_folder_needs_no_f(keti_gateway: RunningGateway) -> None:
+    """KETI's habit: `cd` into the function's folder and `fn deploy` (config.yaml is the default -f,
+    as for `fn build` and `fn run`)."""
+    deployed = cli("fn", "deploy", "-g", keti_gateway.grpc_address, env={}, cwd=KETI / "functions" / "beside")
+    assert deployed.returncode == 0, deployed.stderr
+    assert wait_answer(keti_gateway.stub(None), "beside", b"") == b"hello from src"

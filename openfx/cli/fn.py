@@ -200,7 +200,7 @@ def run(name: str | None, config: str, timeout: float) -> None:
 
 
 @function.command()
-@click.option("-f", "--config", required=True, help="config file")
+@click.option("-f", "--config", default="config.yaml", show_default=True, help="config file")
 @click.option("-v", "--deployverbose", is_flag=True, help="print the request sent")
 @click.option("--min", "min_replicas", type=int, default=None, help="replicas (default: config's `replicas`)")
 @click.option("--max", "max_replicas", type=int, default=None, help="maximum replicas (autoscaling)")
