@@ -517,3 +517,21 @@ def test_calls_to_unknown_names_share_one_metrics_label(plain: RunningGateway) -
         'gateway_function_invocation_total{code="200",function_name="echo"}'
         in requests.get(f"{plain.http_url}/metrics", timeout=10).text
     )
+
+
+@pytest.mark.parametrize(("module", "prefix"), STARTERS)
+def test_a_second_gateway_on_a_taken_grpc_port_stops_before_starting_anything(
+    gateway: RunningGateway, module: str, prefix: str
+) -> None:
+    """gRPC binds with SO_REUSEPORT unless told not to: a second platform on the same port used to
+    start, deploy its functions and share the first one's connections. It must refuse in one line."""
+    echo = ROOT / "functions" / "echo" / "config.yaml"
+    taken = ("--grpc", gateway.grpc_address, "--http", f"127.0.0.1:{free_port()}", "--console", "")
+    extra = ("--no-mqtt",) if module == "openfx.launcher" else ()
+    out = _start_and_fail(*taken, *extra, module=module, stack=echo)
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.splitlines()[-1]
+    expected = f"{prefix}: cannot listen on {gateway.grpc_address} for gRPC (in use?)"
+    assert last.startswith(expected), out.stderr
+    assert "echo[0]" not in out.stderr and "Traceback" not in out.stderr  # no function was started
+    assert gateway.stub().Invoke(gpb.InvokeServiceRequest(Service="echo", Input=b"x"), timeout=10).Msg == b"x"

@@ -347,6 +347,9 @@ class Gateway:
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
+            # gRPC binds with SO_REUSEPORT by default: a second gateway on a taken port would start
+            # and share the connections with the first; this makes the bind fail instead
+            ("grpc.so_reuseport", 0),
         ]
         everything_open = all(self.tokens.is_open(scope) for scope in (INVOKE, MANAGE, ANY))
         interceptors = [] if everything_open else [AuthInterceptor(self.tokens, self.metrics.auth_rejected)]
