@@ -61,7 +61,8 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pgid, sig)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Running (a zombie is not: it has ended and waits only for its parent to reap it)."""
     fields = _stat_fields(pid)
     return bool(fields) and fields[0] != "Z"
 
@@ -81,7 +82,7 @@ def own_cgroup_members(me: int | None = None) -> list[int]:
         if me not in pids:
             return []
         found |= pids
-    return sorted(pid for pid in found - {me} if _alive(pid))
+    return sorted(pid for pid in found - {me} if alive(pid))
 
 
 def _signal(pids: list[int], sig: int) -> None:

@@ -236,25 +236,61 @@ def test_children_die_with_the_replica_on_delete_and_gateway_exit(tmp_path: Path
 def test_gateway_killed_the_watcher_takes_its_process_group_down(tmp_path: Path) -> None:
     """SIGKILL leaves the gateway no chance to clean up: PDEATHSIG gives each watcher SIGTERM and the
     watcher ends its own process group on the way out, and every process of its own cgroup: a child
-    that called setsid (it left the group) dies too, with no gateway left to kill it."""
-    gw = start_gateway(FIXTURES / "isolation.yaml", tmp_path / "gateway.log")
+    that called setsid (it left the group) dies too, with no gateway left to kill it. The killed
+    gateway's temp folders (its run dir; the replicas' folders when it switches user) are left
+    behind, and the next gateway removes them: only its own user's, only of dead gateways, never
+    through a link."""
     escaped = 0
-    try:
-        gw.wait_ready()
-        grouped, escaped = map(int, call(gw, "spawner", b"go").split())
-        watcher = int(call(gw, "spawner", "pid"))
-        assert alive(escaped) and os.getpgid(escaped) != watcher
-        gw.process.send_signal(signal.SIGKILL)
-        gw.process.wait()
-        eventually(
-            lambda: not alive(grouped) and not alive(escaped) and not alive(watcher),
-            "group and setsid child gone after SIGKILL",
-        )
-    finally:
-        gw.stop()
-        if escaped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(escaped, signal.SIGKILL)
+    with shared_tmp() as temp:
+        env = {"TMPDIR": str(temp)}
+        gw = start_gateway(FIXTURES / "isolation.yaml", tmp_path / "gateway.log", env=env)
+        try:
+            gw.wait_ready()
+            grouped, escaped = map(int, call(gw, "spawner", b"go").split())
+            watcher = int(call(gw, "spawner", "pid"))
+            assert alive(escaped) and os.getpgid(escaped) != watcher
+            gw.process.send_signal(signal.SIGKILL)
+            gw.process.wait()
+            eventually(
+                lambda: not alive(grouped) and not alive(escaped) and not alive(watcher),
+                "group and setsid child gone after SIGKILL",
+            )
+        finally:
+            gw.stop()
+            if escaped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(escaped, signal.SIGKILL)
+
+        dead = gw.process.pid
+        left = sorted(p.name for p in temp.glob(f"openfx-*-{dead}-*"))
+        kinds = ["fn", "gw"] if os.geteuid() == 0 else ["gw"]  # root switches to the function user
+        assert [name.split("-")[1] for name in left] == kinds, left
+        keep = temp / "keep"
+        keep.mkdir()
+        (keep / "data").write_text("kept")
+        (temp / f"openfx-gw-{dead}-link").symlink_to(keep)
+        (temp / f"openfx-gw-{os.getpid()}-live").mkdir()  # its gateway (this process) is alive
+        foreign = temp / f"openfx-fn-{dead}-foreign"
+        foreign.mkdir()
+        if os.geteuid() == 0:
+            os.chown(foreign, 65534, 65534)
+        else:
+            foreign.rmdir()  # a non-root test cannot make a folder another user owns
+
+        second = start_gateway(FIXTURES / "isolation.yaml", tmp_path / "second.log", env=env)
+        try:
+            second.wait_ready()
+            assert not any((temp / name).exists() for name in left), sorted(os.listdir(temp))
+            assert (keep / "data").read_text() == "kept"
+            assert (temp / f"openfx-gw-{dead}-link").is_symlink()
+            assert (temp / f"openfx-gw-{os.getpid()}-live").is_dir()
+            assert foreign.is_dir() or os.geteuid() != 0
+            own = sorted(p.name.split("-")[1] for p in temp.glob(f"openfx-*-{second.process.pid}-*"))
+            assert own == kinds
+            assert second.stop() == 0
+            assert not list(temp.glob(f"openfx-*-{second.process.pid}-*"))  # a clean stop removes its own
+        finally:
+            second.stop()
 
 
 HOSTILE = FIXTURES / "functions" / "hostile" / "src"

@@ -12,7 +12,6 @@ import signal
 import socket
 import ssl
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from openfx.config import ConfigError, StackFile
 from openfx.console.server import build_console
 from openfx.errors import InvokeError
 from openfx.function_def import FunctionDef, to_request
+from openfx.gateway import sandbox
 from openfx.gateway.auth import ANY, INVOKE, MANAGE, AuthInterceptor, TokenStore, is_loopback
 from openfx.gateway.embedded import EmbeddedBackend
 from openfx.gateway.grpc_api import GatewayServicer
@@ -252,7 +252,7 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, stack: StackFile | None = None) -> None:
         self.settings = settings
         self.stack = stack
-        self.run_dir = Path(tempfile.mkdtemp(prefix="openfx-"))
+        self.run_dir = sandbox.temp_folder("gw")
         self.metrics = GatewayMetrics()
         self.backend = self._make_backend()
         self.backend.on_gauge = self.metrics.set_replicas

@@ -28,6 +28,8 @@ import secrets
 import signal
 from pathlib import Path
 
+from openfx.procgroup import alive
+
 log = logging.getLogger("openfx.gateway")
 
 CONTROLLERS = ("memory", "cpu")
@@ -54,16 +56,6 @@ def _counter(text: str, key: str) -> int:
         if name == key and value.strip().isdigit():
             return int(value)
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ReplicaCgroup:
@@ -275,7 +267,7 @@ def _clear_stale(own: Path) -> None:
         return
     for entry in entries:
         match = _STALE.match(entry.name)
-        if not match or not entry.is_dir() or _alive(int(match.group(1))):
+        if not match or not entry.is_dir() or alive(int(match.group(1))):
             continue
         for child in [c for c in entry.iterdir() if c.is_dir()]:
             ReplicaCgroup(1, {"x": child}).kill()

@@ -14,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import re
 import shutil
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from openfx.procgroup import alive
 
 DEFAULT_USER = "openfx-fn"
 FALLBACK_USER = "nobody"
@@ -223,9 +227,31 @@ def replicas_root(run_dir: Path, user: FunctionUser | None) -> Path:
     others may traverse but not list, since the run dir is the gateway's alone."""
     if user is None:
         return run_dir
-    root = Path(tempfile.mkdtemp(prefix="openfx-fn-"))
+    root = temp_folder("fn")
     root.chmod(0o711)
     return root
+
+
+_TEMP = re.compile(r"openfx-(gw|fn)-(\d+)-\w+")
+
+
+def temp_folder(kind: str) -> Path:
+    """A new folder in the system's temp dir named after this gateway's pid. A SIGKILLed gateway
+    cannot remove its folders (replicas' temp files included), so every gateway first removes
+    those of its own user whose gateway is gone; nothing else piles up in /tmp over restarts."""
+    base = Path(tempfile.gettempdir())
+    uid = os.geteuid()
+    for entry in base.iterdir():
+        match = _TEMP.fullmatch(entry.name)
+        if match is None or alive(int(match.group(2))):
+            continue
+        try:
+            info = entry.lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:  # never a link, never another's
+            shutil.rmtree(entry, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"openfx-{kind}-{os.getpid()}-", dir=base))
 
 
 def base_environment() -> dict[str, str]:
