@@ -108,6 +108,12 @@ def test_load_failures_are_named_with_the_users_line(tmp_path: Path) -> None:
             assert "Traceback" not in errors[name] and "openfx/" not in errors[name]
     finally:
         gw.stop()
+    # the log says why once per start (the watcher's line), not once more from the gateway
+    lines = gw.log().splitlines()
+    causes = [line for line in lines if "No module named" in line]
+    starts = [line for line in lines if line.startswith("badimport[0]: listening on ")]
+    assert causes and len(starts) - 1 <= len(causes) <= len(starts), (causes, starts)  # stop may cut one
+    assert all("badimport[0]: handler failed to load: import failed: handler.py:1" in c for c in causes)
 
 
 class _RecordingWatcher(wpb_grpc.FxWatcherServicer):

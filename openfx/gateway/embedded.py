@@ -246,7 +246,8 @@ class LocalReplica:
         if await readiness.wait_async(self.lock_path, alive, float("inf"), owners) is None or not alive():
             failure = readiness.read(self.failed_path, owners)
             if failure:
-                self.fn.note(f"{self.label}: cannot load the handler: {failure}", error=True)
+                # what fn info/list show; not logged again: the watcher's own output said it
+                self.fn.last_error = f"{self.label}: cannot load the handler: {failure}"
                 self.errors_this_run += 1
             return False
         self.channel = grpc.aio.insecure_channel(
