@@ -18,3 +18,6 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # every gRPC end and the HTTP body
 TIMEOUT_SECONDS = 30.0  # a function's `timeout`
 MAX_INFLIGHT = 100  # a function's `max_inflight`
 MAX_REPLICAS = 64  # Deploy, Update and scaling in embedded mode
+# processes and threads per embedded replica where a pids cgroup is writable (a Spark replica,
+# its two JVMs included, peaks at ~160); a fork bomb ends there instead of filling the machine
+MAX_PIDS = 1024

@@ -76,8 +76,13 @@ def _parsed(
 
 
 def integer(name: str, default: int, minimum: int = 0, environ: Mapping[str, str] | None = None) -> int:
-    result = _parsed(name, environ, int, lambda n: n >= minimum, f"a whole number >= {minimum}")
+    result = optional_integer(name, minimum, environ)
     return default if result is None else result
+
+
+def optional_integer(name: str, minimum: int = 0, environ: Mapping[str, str] | None = None) -> int | None:
+    """A whole number, or None when unset (where the default depends on the machine)."""
+    return _parsed(name, environ, int, lambda n: n >= minimum, f"a whole number >= {minimum}")
 
 
 def number(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:

@@ -22,6 +22,7 @@ import grpc
 import pytest
 import requests
 
+from openfx import defaults
 from openfx.gateway.cgroups import Cgroups
 from openfx.pb import fxgateway_pb2 as gpb
 from tests.conftest import FIXTURES, ROOT, RunningGateway, eventually, start_gateway
@@ -134,6 +135,43 @@ def test_cpu_limit_is_a_cfs_quota_and_a_busy_handler_is_throttled(iso: RunningGa
     echo_works(iso)
 
 
+def test_every_replica_has_the_default_pids_cap(iso: RunningGateway) -> None:
+    pid = json.loads(call(iso, "whoami", b""))["pid"]
+    assert (cgroup_dir(pid, "pids") / "pids.max").read_text().strip() == str(defaults.MAX_PIDS)
+    meta = iso.stub().GetMeta(gpb.FunctionRequest(FunctionName="whoami"), timeout=10)
+    expected = f"{defaults.MAX_PIDS} processes and threads (cgroup v1)"
+    assert meta.Annotations["openfx.limits.pids"] == expected
+
+
+def test_a_fork_bomb_stops_at_the_replicas_pids_cap(tmp_path: Path) -> None:
+    """Threads and processes count alike against the pids cgroup: a handler starting threads
+    without end gets EAGAIN at the cap (`--max-pids 48`, the watcher's own threads included), the
+    kernel counts the refusals, and the replica and the gateway go on answering."""
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(
+        f"include: [{ROOT}/functions/echo/config.yaml]\n"
+        f"functions:\n  forker:\n    handler: {{dir: {FIXTURES}/functions/forker/src}}\n"
+    )
+    gw = start_gateway(stack, tmp_path / "gateway.log", "--max-pids", "48")
+    try:
+        gw.wait_ready()
+        pid = int(call(gw, "forker", b"pid"))
+        pids = cgroup_dir(pid, "pids")
+        assert (pids / "pids.max").read_text().strip() == "48"
+        refused = int((pids / "pids.events").read_text().split()[1])
+        started = int(call(gw, "forker", b"go", timeout=60))
+        assert 0 < started < 48
+        assert int((pids / "pids.events").read_text().split()[1]) > refused  # the kernel said no
+        assert int((pids / "pids.current").read_text()) <= 48 - started  # the threads were released
+        assert int(call(gw, "forker", b"go", timeout=60)) == started  # the same room again
+        assert int(call(gw, "forker", b"pid")) == pid  # the same replica
+        meta = gw.stub().GetMeta(gpb.FunctionRequest(FunctionName="forker"), timeout=10)
+        assert meta.Annotations["openfx.limits.pids"] == "48 processes and threads (cgroup v1)"
+        echo_works(gw)
+    finally:
+        gw.stop()
+
+
 def test_fn_info_shows_limits_and_how_they_are_enforced(iso: RunningGateway) -> None:
     out = subprocess.run(
         [str(Path(sys.executable).parent / "openfx-cli"), "fn", "info", "hog", "-g", iso.grpc_address],
@@ -144,7 +182,8 @@ def test_fn_info_shows_limits_and_how_they_are_enforced(iso: RunningGateway) -> 
         env={**os.environ, **iso.admin_env},
     )
     assert out.returncode == 0, out.stderr
-    assert "limits:\n  memory: 128Mi (cgroup v1)\n" in out.stdout
+    pids = f"  pids: {defaults.MAX_PIDS} processes and threads (cgroup v1)\n"
+    assert "limits:\n  memory: 128Mi (cgroup v1)\n" + pids in out.stdout
 
 
 def test_a_call_past_its_timeout_recycles_the_replica_and_others_on_it_get_unavailable(

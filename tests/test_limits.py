@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +24,7 @@ from openfx.gateway.framed_client import FramedClient
 from openfx.gateway.limits import decide, parse_cpu, parse_memory
 from openfx.gateway.logs import LineCutter, RecentOutput
 from openfx.pb import fxgateway_pb2 as gpb
-from tests.conftest import FIXTURES, MiB, RunningGateway, eventually, start_gateway
+from tests.conftest import FIXTURES, MiB, RunningGateway, eventually, free_port, start_gateway
 
 # -- quantities and the decision -------------------------------------------------------------
 
@@ -59,6 +60,39 @@ def test_cpu_limit_without_a_cgroup_is_refused_and_memory_falls_back_to_the_watc
         "openfx.limits.memory": "1Gi (cgroup v2)",
         "openfx.limits.cpu": "2 (cgroup v2 cpu quota)",
     }
+
+
+def test_the_pids_cap_is_set_only_where_a_pids_cgroup_is() -> None:
+    with_pids = decide("f", {}, {"memory": "cgroup v2", "pids": "cgroup v2"}, max_pids=1024)
+    assert with_pids.describe() == {"openfx.limits.pids": "1024 processes and threads (cgroup v2)"}
+    assert decide("f", {}, {"memory": "cgroup v1"}, max_pids=1024).pids is None
+    assert decide("f", {}, {"pids": "cgroup v1"}, max_pids=0).describe() == {}
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (
+            ("--no-cgroups", "--max-pids", "10"),
+            "--max-pids 10 cannot be enforced here (no writable pids cgroup)",
+        ),
+        (("--max-pids", "-1"), "--max-pids -1 is not a count"),
+    ],
+)
+def test_a_pids_cap_that_cannot_be_enforced_stops_the_gateway(args: tuple[str, ...], problem: str) -> None:
+    """An explicit --max-pids is a limit the user stated: enforced or refused, never ignored (the
+    default applies only where a pids cgroup is)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "openfx.gateway", "--no-functions", *args, "--console", ""]
+        + ["--grpc", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("OPENFX_")},
+    )
+    assert out.returncode == 2, out.stderr  # a bad setting, as argparse's own
+    assert out.stderr.splitlines()[-1] == f"gateway: {problem}; --max-pids 0 runs replicas without a cap"
+    assert "Traceback" not in out.stderr
 
 
 # -- what a watcher ends on its way out ---------------------------------------------------------
@@ -110,11 +144,11 @@ def test_cgroup_v2_layout_against_a_fake_cgroupfs(tmp_path: Path) -> None:
 
     found = Cgroups.detect(root=tmp_path, self_cgroup=self_cgroup, pid=4242)
     assert found is not None and found.version == 2
-    assert found.controllers == {"memory": "cgroup v2", "cpu": "cgroup v2"}
-    assert (own / "cgroup.subtree_control").read_text() == "+memory +cpu"
+    assert found.controllers == {"memory": "cgroup v2", "cpu": "cgroup v2", "pids": "cgroup v2"}
+    assert (own / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
     base = found.bases["memory"]
     assert base.parent == own and base.name.startswith("openfx-4242-")
-    assert (base / "cgroup.subtree_control").read_text() == "+memory +cpu"
+    assert (base / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
     assert not (stale / "f-0-1").exists()
 
     replica = found.create("echo-0-1")
@@ -122,9 +156,13 @@ def test_cgroup_v2_layout_against_a_fake_cgroupfs(tmp_path: Path) -> None:
     (base / "echo-0-1" / "memory.swap.max").write_text("max\n")  # present on a kernel with swap
     replica.set_memory(256 << 20)
     replica.set_cpu(0.5)
+    replica.set_pids(512)
     assert (base / "echo-0-1" / "memory.max").read_text() == str(256 << 20)
     assert (base / "echo-0-1" / "memory.swap.max").read_text() == "0"
     assert (base / "echo-0-1" / "cpu.max").read_text() == "50000 100000"
+    assert (base / "echo-0-1" / "pids.max").read_text() == "512"
+    (base / "echo-0-1" / "pids.events").write_text("max 7\n")
+    assert replica.forks_refused() == 7
     (base / "echo-0-1" / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
     assert replica.oom_kills() == 1
     (base / "echo-0-1" / "cgroup.kill").write_text("")

@@ -379,7 +379,9 @@ def info(ctx: click.Context, name: str, config: str | None) -> None:
         "url": f"{_http_base(gw)}/function/{fn.Name}",  # the HTTP trigger (KETI's CLI prints the gRPC port)
         # each limit and how the gateway enforces it, e.g. memory: 256Mi (cgroup v1)
         "limits": {
-            k[len("openfx.limits.") :]: v for k, v in fn.Annotations.items() if k.startswith("openfx.limits.")
+            k[len("openfx.limits.") :]: v
+            for k, v in sorted(fn.Annotations.items())
+            if k.startswith("openfx.limits.")
         },
         "annotations": dict(sorted(fn.Annotations.items())),
         "labels": dict(fn.Labels),

@@ -72,6 +72,7 @@ class GatewaySettings:
     log_file: str | None = None  # the gateway's log (rotated); None: stderr
     timeout_grace: float = 2.0  # a replica holding a call this long past its timeout is recycled
     cgroups: bool = True  # limits via cgroups where writable; off: RSS watchdog, CPU limits refused
+    max_pids: int | None = None  # per replica; None: defaults.MAX_PIDS where a pids cgroup is, 0: none
     scale_to_zero: bool = True  # off: min_replicas 0 counts as 1 (README "Scaling"), e.g. for test runs
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
@@ -186,6 +187,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="no cgroups: memory by an RSS watchdog, CPU limits refused (OPENFX_CGROUPS=off)",
     )
     parser.add_argument(
+        "--max-pids",
+        type=int,
+        default=environ.optional_integer("OPENFX_MAX_PIDS"),
+        help=f"processes and threads per replica, by a pids cgroup (default {defaults.MAX_PIDS} where "
+        "one is writable; 0: no cap; a cap that cannot be enforced is refused)",
+    )
+    parser.add_argument(
         "--no-scale-to-zero",
         dest="scale_to_zero",
         action="store_false",
@@ -235,6 +243,7 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         log_file=args.log_file,
         timeout_grace=args.timeout_grace,
         cgroups=args.cgroups,
+        max_pids=args.max_pids,
         scale_to_zero=from_env if args.scale_to_zero is None else args.scale_to_zero,
         log_max_bytes=args.log_max_bytes,
         log_backups=args.log_backups,
@@ -287,6 +296,7 @@ class Gateway:
                 timeout_grace=s.timeout_grace,
                 on_recycle=self.metrics.replica_recycled,
                 cgroups=s.cgroups,
+                max_pids=s.max_pids,
                 gateway_address=s.grpc_address,
                 scale_to_zero=s.scale_to_zero,
             )

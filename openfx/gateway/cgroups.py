@@ -1,5 +1,6 @@
-"""Per-replica cgroups: the kernel holds a replica to `limits.memory` / `limits.cpu`, counts its
-OOM kills and CPU throttling, and lists every process of the replica, so all of them can be
+"""Per-replica cgroups: the kernel holds a replica to `limits.memory` / `limits.cpu` and to the
+gateway's `--max-pids` (so a fork bomb stays inside its replica), counts its OOM kills, CPU
+throttling and refused forks, and lists every process of the replica, so all of them can be
 killed, even a child that left the replica's process group with setsid.
 
 Both layouts are handled: cgroup v1 (one hierarchy per controller, e.g. /sys/fs/cgroup/memory and
@@ -32,9 +33,10 @@ from openfx.procgroup import alive
 
 log = logging.getLogger("openfx.gateway")
 
-CONTROLLERS = ("memory", "cpu")
+CONTROLLERS = ("memory", "cpu", "pids")
 CPU_PERIOD_US = 100_000
-_V1_PROBE = {"memory": "memory.limit_in_bytes", "cpu": "cpu.cfs_quota_us"}
+# a file the gateway's own cgroup has in that v1 hierarchy (the root one has no pids.* files)
+_V1_PROBE = {"memory": "memory.limit_in_bytes", "cpu": "cpu.cfs_quota_us", "pids": "cgroup.procs"}
 _STALE = re.compile(r"^openfx-(\d+)-(?:[0-9a-f]+|gateway)$")
 
 
@@ -93,6 +95,10 @@ class ReplicaCgroup:
         else:
             _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
 
+    def set_pids(self, limit: int) -> None:
+        """At most `limit` processes and threads: a fork bomb fails inside the replica (EAGAIN)."""
+        _write(self.dirs["pids"] / "pids.max", str(limit))
+
     def add(self, pid: int) -> None:
         for folder in self.folders:
             _write(folder / "cgroup.procs", str(pid))
@@ -109,6 +115,10 @@ class ReplicaCgroup:
             return 0
         name = "memory.oom_control" if self.version == 1 else "memory.events"
         return _counter(_read(self.dirs["memory"] / name), "oom_kill")
+
+    def forks_refused(self) -> int:
+        """Forks and new threads the pids limit refused (pids.events max)."""
+        return _counter(_read(self.dirs["pids"] / "pids.events"), "max") if "pids" in self.dirs else 0
 
     def throttled(self) -> int:
         """Periods in which the CPU quota stopped this cgroup (cpu.stat nr_throttled)."""

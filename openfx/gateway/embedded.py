@@ -34,9 +34,9 @@ from pathlib import Path
 
 import grpc
 
+from openfx import defaults, hops, parent, procgroup, readiness
 from openfx import env as environ
 from openfx import fn as fn_module
-from openfx import hops, parent, procgroup, readiness
 from openfx.build.images import ImageStore, StoredImage, images_dir, missing_requirements
 from openfx.errors import InvokeError, not_found
 from openfx.function_def import HANDLER_FILE, HANDLER_NAME, FunctionDef
@@ -648,9 +648,12 @@ class EmbeddedBackend:
         gateway_address: str = "",
         images: ImageStore | None = None,
         scale_to_zero: bool = True,
+        max_pids: int | None = None,
     ) -> None:
         """`function_user`: see sandbox.function_user (None: the default user when root; "": our
         own). `cgroups`: True to detect them, False for none, or a Cgroups to use.
+        `max_pids`: processes and threads per replica (None: defaults.MAX_PIDS where a pids cgroup
+        is writable, else none; 0: none); ValueError when it cannot be enforced.
         `gateway_address`: the gateway's gRPC, where handlers' function-to-function calls go.
         `images`: the local image store (`fn build`) a Deploy naming an image is started from.
         `scale_to_zero`: False keeps one replica of a function whose min_replicas is 0
@@ -660,13 +663,14 @@ class EmbeddedBackend:
         self.images = images if images is not None else ImageStore(images_dir())
         self.known_images: dict[str, FunctionDef] = {}  # image -> a function deployed from source
         self.user = sandbox.function_user(function_user)
+        self.cgroups = Cgroups.detect() if cgroups is True else (cgroups or None)
+        self.max_pids = self._pids_cap(max_pids)
         self.run_dir = run_dir
         self.replicas_root = sandbox.replicas_root(run_dir, self.user)
         self.max_message_bytes = max_message_bytes
         self.grace = grace
         self.timeout_grace = timeout_grace
         self._on_recycle = on_recycle
-        self.cgroups = Cgroups.detect() if cgroups is True else (cgroups or None)
         self.functions: dict[str, LocalFunction] = {}
         self.on_gauge: object = None
         self.on_scale: Callable[[str, int, str], None] | None = None
@@ -677,10 +681,22 @@ class EmbeddedBackend:
             f"cgroup v{self.cgroups.version} ({', '.join(self.cgroups.bases)})" if self.cgroups else "none"
         )
         log.info(
-            "functions run as %s; limits by cgroups: %s",
+            "functions run as %s; limits by cgroups: %s; %s",
             self.user.name if self.user else "the gateway's user",
             where,
+            f"at most {self.max_pids} processes and threads per replica" if self.max_pids else "no pids cap",
         )
+
+    def _pids_cap(self, asked: int | None) -> int:
+        usable = self.cgroups is not None and "pids" in self.cgroups.bases
+        if asked is None:
+            return defaults.MAX_PIDS if usable else 0
+        if asked < 0 or (asked and not usable):
+            if self.cgroups is not None:
+                self.cgroups.close()
+            problem = "is not a count" if asked < 0 else "cannot be enforced here (no writable pids cgroup)"
+            raise ValueError(f"--max-pids {asked} {problem}; --max-pids 0 runs replicas without a cap")
+        return asked
 
     def on_recycle(self, name: str, reason: str) -> None:
         if self._on_recycle is not None:
@@ -695,6 +711,8 @@ class EmbeddedBackend:
             cgroup.set_memory(enforcement.memory_bytes)
         if enforcement.cpu_cores is not None:
             cgroup.set_cpu(enforcement.cpu_cores)
+        if enforcement.pids is not None:
+            cgroup.set_pids(enforcement.pids)
         return cgroup
 
     def get(self, name: str) -> LocalFunction:
@@ -714,7 +732,10 @@ class EmbeddedBackend:
                 "'openfx-cli fn deploy -f config.yaml' (annotation openfx.source)",
             )
         enforcement = decide(
-            definition.name, definition.limits, self.cgroups.controllers if self.cgroups else {}
+            definition.name,
+            definition.limits,
+            self.cgroups.controllers if self.cgroups else {},
+            self.max_pids,
         )
         if not self._user_ok and self.user is not None:
             problem = await sandbox.check_interpreter(self.user)

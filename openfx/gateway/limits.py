@@ -4,8 +4,10 @@ gateway enforces them.
 The decision is made once, at Deploy/Update, so a limit is either enforced or refused there,
 never silently ignored: memory by the replica's cgroup (v1 or v2) when one is writable, else by
 the gateway's RSS watchdog over the replica's process group; CPU only by a cgroup (a CPU quota
-has no user-space stand-in), so without one a CPU limit is FAILED_PRECONDITION. `describe()` is
-what `fn info` shows, e.g. `256Mi (cgroup v1)`.
+has no user-space stand-in), so without one a CPU limit is FAILED_PRECONDITION. The gateway's
+`--max-pids` (processes and threads per replica) is set by a pids cgroup where there is one; the
+gateway refuses to start with an explicit `--max-pids` it cannot enforce. `describe()` is what
+`fn info` shows, e.g. `256Mi (cgroup v1)`.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class Enforcement:
     cpu_cores: float | None = None
     cpu_text: str = ""
     cpu_by: str = ""
+    pids: int | None = None  # processes and threads per replica (the gateway's --max-pids)
+    pids_by: str = ""
 
     @property
     def memory_by_cgroup(self) -> bool:
@@ -81,11 +85,16 @@ class Enforcement:
             notes["openfx.limits.memory"] = f"{self.memory_text} ({self.memory_by})"
         if self.cpu_cores is not None:
             notes["openfx.limits.cpu"] = f"{self.cpu_text} ({self.cpu_by})"
+        if self.pids is not None:
+            notes["openfx.limits.pids"] = f"{self.pids} processes and threads ({self.pids_by})"
         return notes
 
 
-def decide(name: str, limits: dict[str, str], cgroup_controllers: dict[str, str]) -> Enforcement:
-    """How `limits` will be enforced, given {controller: "cgroup v1"|"cgroup v2"} usable here.
+def decide(
+    name: str, limits: dict[str, str], cgroup_controllers: dict[str, str], max_pids: int = 0
+) -> Enforcement:
+    """How `limits` will be enforced, given {controller: "cgroup v1"|"cgroup v2"} usable here
+    (`max_pids`: the gateway's per-replica cap, 0 for none; set only where a pids cgroup is).
 
     INVALID_ARGUMENT for a malformed quantity, FAILED_PRECONDITION for a CPU limit nothing here
     can enforce."""
@@ -112,4 +121,6 @@ def decide(name: str, limits: dict[str, str], cgroup_controllers: dict[str, str]
     memory_by = ""
     if memory is not None:
         memory_by = cgroup_controllers.get("memory", "") or "RSS watchdog"
-    return Enforcement(memory, memory_text, memory_by, cpu, cpu_text, cpu_by)
+    pids_by = cgroup_controllers.get("pids", "") if max_pids else ""
+    pids = max_pids if pids_by else None
+    return Enforcement(memory, memory_text, memory_by, cpu, cpu_text, cpu_by, pids, pids_by)
