@@ -5,6 +5,8 @@ imports them from here, so a port is changed in one line."""
 
 from __future__ import annotations
 
+import os
+
 GATEWAY_GRPC_PORT = 31113  # OpenFx's NodePort
 GATEWAY_HTTP_PORT = 31114
 GATEWAY_GRPC = f"127.0.0.1:{GATEWAY_GRPC_PORT}"
@@ -18,6 +20,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # every gRPC end and the HTTP body
 TIMEOUT_SECONDS = 30.0  # a function's `timeout`
 MAX_INFLIGHT = 100  # a function's `max_inflight`
 MAX_REPLICAS = 64  # Deploy, Update and scaling in embedded mode
-# processes and threads per embedded replica where a pids cgroup is writable (a Spark replica,
-# its two JVMs included, peaks at ~160); a fork bomb ends there instead of filling the machine
-MAX_PIDS = 1024
+# processes and threads per embedded replica where a pids cgroup is writable: a fork bomb ends
+# there instead of filling the machine. A pyspark replica (both JVMs up) peaks at ~160 tasks on 2
+# cores, and JVMs start threads per core (GC, JIT, Spark's task and network pools), hence 32 per
+# core on machines with more than 32 cores. Fewer than MIN_PIDS would not leave a watcher room.
+MAX_PIDS = max(1024, 32 * (os.cpu_count() or 1))
+MIN_PIDS = 32

@@ -69,30 +69,41 @@ def test_the_pids_cap_is_set_only_where_a_pids_cgroup_is() -> None:
     assert decide("f", {}, {"pids": "cgroup v1"}, max_pids=0).describe() == {}
 
 
+NO_CAP = "; --max-pids 0 runs replicas without a cap"
+
+
 @pytest.mark.parametrize(
     ("args", "problem"),
     [
         (
-            ("--no-cgroups", "--max-pids", "10"),
-            "--max-pids 10 cannot be enforced here (no writable pids cgroup)",
+            ("--no-cgroups", "--max-pids", "100"),
+            "--max-pids 100 cannot be enforced here (no writable pids cgroup)" + NO_CAP,
         ),
-        (("--max-pids", "-1"), "--max-pids -1 is not a count"),
+        (("--max-pids", "-1"), "--max-pids -1 is not a count" + NO_CAP),
+        (("--max-pids", "8"), "--max-pids 8 leaves a replica no room (at least 32)" + NO_CAP),
+        (
+            ("--backend", "kubernetes", "--max-pids", "100"),
+            "--max-pids applies to embedded replicas; set podPidsLimit on the cluster",
+        ),
     ],
 )
-def test_a_pids_cap_that_cannot_be_enforced_stops_the_gateway(args: tuple[str, ...], problem: str) -> None:
+def test_a_pids_cap_that_cannot_be_enforced_stops_the_gateway(
+    args: tuple[str, ...], problem: str, tmp_path: Path
+) -> None:
     """An explicit --max-pids is a limit the user stated: enforced or refused, never ignored (the
-    default applies only where a pids cgroup is)."""
+    default applies only where a pids cgroup is). The refused gateway leaves no temp folder."""
     out = subprocess.run(
         [sys.executable, "-m", "openfx.gateway", "--no-functions", *args, "--console", ""]
         + ["--grpc", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}"],
         capture_output=True,
         text=True,
         timeout=120,
-        env={k: v for k, v in os.environ.items() if not k.startswith("OPENFX_")},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("OPENFX_")}, "TMPDIR": str(tmp_path)},
     )
     assert out.returncode == 2, out.stderr  # a bad setting, as argparse's own
-    assert out.stderr.splitlines()[-1] == f"gateway: {problem}; --max-pids 0 runs replicas without a cap"
+    assert out.stderr.splitlines()[-1] == f"gateway: {problem}"
     assert "Traceback" not in out.stderr
+    assert not list(tmp_path.glob("openfx-*")), list(tmp_path.iterdir())
 
 
 # -- what a watcher ends on its way out ---------------------------------------------------------
@@ -168,6 +179,24 @@ def test_cgroup_v2_layout_against_a_fake_cgroupfs(tmp_path: Path) -> None:
     (base / "echo-0-1" / "cgroup.kill").write_text("")
     replica.kill()
     assert (base / "echo-0-1" / "cgroup.kill").read_text() == "1"
+
+
+def test_memory_and_cpu_on_v2_win_over_a_lone_v1_pids_hierarchy(tmp_path: Path) -> None:
+    """A hybrid layout (v1 mounts only pids; memory and cpu are on the unified tree): the gateway
+    uses v2 and removes the folder it made in the v1 pids hierarchy."""
+    own = tmp_path / "gw.scope"
+    own.mkdir()
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    (own / "cgroup.controllers").write_text("cpu memory\n")
+    (own / "cgroup.subtree_control").write_text("+memory +cpu")
+    (tmp_path / "pids").mkdir()
+    (tmp_path / "pids" / "cgroup.procs").write_text("4242\n")
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text("8:pids:/\n0::/gw.scope\n")
+    found = Cgroups.detect(root=tmp_path, self_cgroup=self_cgroup, pid=4242)
+    assert found is not None and found.version == 2
+    assert found.controllers == {"memory": "cgroup v2", "cpu": "cgroup v2"}
+    assert [p.name for p in (tmp_path / "pids").iterdir()] == ["cgroup.procs"]
 
 
 # -- the framed client's result limit ----------------------------------------------------------

@@ -263,7 +263,11 @@ class Gateway:
         self.stack = stack
         self.run_dir = sandbox.temp_folder("gw")
         self.metrics = GatewayMetrics()
-        self.backend = self._make_backend()
+        try:
+            self.backend = self._make_backend()
+        except BaseException:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self.backend.on_gauge = self.metrics.set_replicas
         self.metrics.watch_in_flight(lambda: [(n, f.in_flight) for n, f in self.backend.functions.items()])
         self.invoker = Invoker(self.backend, self.metrics, max_streams=settings.max_streams, starting=True)
@@ -282,6 +286,8 @@ class Gateway:
     def _make_backend(self):  # type: ignore[no-untyped-def]
         s = self.settings
         if s.backend == "kubernetes":
+            if s.max_pids:  # the cluster's kubelet (podPidsLimit) caps pods, not this gateway
+                raise ConfigError("--max-pids applies to embedded replicas; set podPidsLimit on the cluster")
             from openfx.gateway.kubernetes import KubernetesBackend
 
             return KubernetesBackend(s.namespace, s.function_address, s.max_message_bytes)

@@ -194,10 +194,13 @@ class Cgroups:
         except OSError:
             return None
         v1 = _detect_v1(root, lines, pid)
-        if v1:
+        if "memory" in v1 or "cpu" in v1:
             return cls(1, v1)
-        v2 = _detect_v2(root, lines, pid)
-        return cls(2, v2) if v2 else None
+        v2 = _detect_v2(root, lines, pid)  # memory and cpu may be on v2 beside a v1 pids hierarchy
+        if v2:
+            cls(1, v1).close()
+            return cls(2, v2)
+        return cls(1, v1) if v1 else None
 
 
 def _gateway_folder(own: Path, pid: int) -> Path | None:

@@ -666,7 +666,12 @@ class EmbeddedBackend:
         self.cgroups = Cgroups.detect() if cgroups is True else (cgroups or None)
         self.max_pids = self._pids_cap(max_pids)
         self.run_dir = run_dir
-        self.replicas_root = sandbox.replicas_root(run_dir, self.user)
+        try:
+            self.replicas_root = sandbox.replicas_root(run_dir, self.user)
+        except BaseException:
+            if self.cgroups is not None:
+                self.cgroups.close()
+            raise
         self.max_message_bytes = max_message_bytes
         self.grace = grace
         self.timeout_grace = timeout_grace
@@ -691,10 +696,16 @@ class EmbeddedBackend:
         usable = self.cgroups is not None and "pids" in self.cgroups.bases
         if asked is None:
             return defaults.MAX_PIDS if usable else 0
-        if asked < 0 or (asked and not usable):
+        problem = ""
+        if asked < 0:
+            problem = "is not a count"
+        elif asked and asked < defaults.MIN_PIDS:
+            problem = f"leaves a replica no room (at least {defaults.MIN_PIDS})"
+        elif asked and not usable:
+            problem = "cannot be enforced here (no writable pids cgroup)"
+        if problem:
             if self.cgroups is not None:
                 self.cgroups.close()
-            problem = "is not a count" if asked < 0 else "cannot be enforced here (no writable pids cgroup)"
             raise ValueError(f"--max-pids {asked} {problem}; --max-pids 0 runs replicas without a cap")
         return asked
 

@@ -12,6 +12,7 @@ replica's environment is the gateway's minus its secrets (tokens), plus those fo
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import pwd
 import re
@@ -233,25 +234,52 @@ def replicas_root(run_dir: Path, user: FunctionUser | None) -> Path:
 
 
 _TEMP = re.compile(r"openfx-(gw|fn)-(\d+)-\w+")
+_LOCK = ".in-use"
+_held: list[int] = []  # the lock descriptors of this gateway's folders, open until it exits
 
 
 def temp_folder(kind: str) -> Path:
-    """A new folder in the system's temp dir named after this gateway's pid. A SIGKILLed gateway
-    cannot remove its folders (replicas' temp files included), so every gateway first removes
-    those of its own user whose gateway is gone; nothing else piles up in /tmp over restarts."""
+    """A new folder in the system's temp dir, named after this gateway's pid and locked (flock)
+    while it runs. A SIGKILLed gateway cannot remove its folders (its replicas' temp files
+    included), so every gateway first removes those of its own user that no gateway holds: the pid
+    is not running here and the lock is free (the lock also covers a gateway in another pid
+    namespace sharing /tmp). Nothing else piles up in /tmp over restarts."""
     base = Path(tempfile.gettempdir())
-    uid = os.geteuid()
-    for entry in base.iterdir():
+    try:
+        entries = list(base.iterdir())
+    except OSError:  # a temp dir we may write but not list: nothing to clear
+        entries = []
+    for entry in entries:
         match = _TEMP.fullmatch(entry.name)
-        if match is None or alive(int(match.group(2))):
-            continue
-        try:
-            info = entry.lstat()
-        except OSError:
-            continue
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:  # never a link, never another's
-            shutil.rmtree(entry, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"openfx-{kind}-{os.getpid()}-", dir=base))
+        if match is not None and not alive(int(match.group(2))):
+            _remove_if_abandoned(entry)
+    folder = Path(tempfile.mkdtemp(prefix=f"openfx-{kind}-{os.getpid()}-", dir=base))
+    fd = os.open(folder / _LOCK, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _held.append(fd)
+    return folder
+
+
+def _remove_if_abandoned(entry: Path) -> None:
+    """Remove `entry` if it is a real folder of this user (never a link, never another's) whose
+    lock nobody holds."""
+    try:
+        info = entry.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            return
+        fd = os.open(entry / _LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:  # no lock file: a gateway that died before taking it
+        shutil.rmtree(entry, ignore_errors=True)
+        return
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: a live gateway this process cannot see
+        return
+    finally:
+        os.close(fd)
+    shutil.rmtree(entry, ignore_errors=True)
 
 
 def base_environment() -> dict[str, str]:
