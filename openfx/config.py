@@ -218,7 +218,8 @@ def yaml_error(path: Path | str, exc: yaml.YAMLError) -> ConfigError:
     return ConfigError(f"{path}:{where} not valid YAML ({problem or 'parse error'})")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping file; a missing file, a YAML error or another shape is one ConfigError line."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -252,14 +253,14 @@ def load_stack(path: str | Path) -> StackFile:
     """Load a config or stack file; `include` globs pull in per-function config files,
     whose entries the including file's own `functions` keys override."""
     path = Path(path).resolve()
-    data = _read_yaml(path)
+    data = read_yaml(path)
     raw_functions: dict[str, tuple[dict[str, Any], Path]] = {}
     for pattern in data.get("include") or []:
         matches = sorted(glob.glob(str(path.parent / pattern)))
         if not matches:
             raise ConfigError(f"{path}: include '{pattern}' matches no file")
         for match in matches:
-            included = _read_yaml(Path(match))
+            included = read_yaml(Path(match))
             for name, spec in (included.get("functions") or {}).items():
                 raw_functions[name] = (spec or {}, Path(match).parent)
     for name, spec in (data.get("functions") or {}).items():
@@ -279,7 +280,7 @@ def load_stack(path: str | Path) -> StackFile:
         raise _explain(path, exc) from None
     for name, fn in stack.functions.items():
         for env_file in fn.environment_file:
-            extra = _read_yaml(fn.base_dir / env_file).get("environment") or {}
+            extra = read_yaml(fn.base_dir / env_file).get("environment") or {}
             fn.environment.update({str(k): str(v) for k, v in extra.items()})
         if not fn.image:
             fn.image = f"{fn.docker_registry}/{name}" if fn.docker_registry else name

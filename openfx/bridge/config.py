@@ -11,12 +11,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from openfx import defaults
-from openfx.config import NAME_RE, ConfigError, yaml_error
+from openfx.config import NAME_RE, ConfigError, read_yaml
 
 
 class _Strict(BaseModel):
@@ -122,15 +121,7 @@ def valid_function_name(name: str) -> bool:
 def load_bridge_config(path: str | Path | None, **overrides: object) -> BridgeConfig:
     data: dict[str, object] = {}
     if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except yaml.YAMLError as exc:
-            raise yaml_error(path, exc) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = read_yaml(Path(path))
     given = {k: v for k, v in overrides.items() if v is not None}
     if "gateway" in given and "gateway_http" not in given and "transport" not in given:
         given["transport"] = "grpc"  # `--gateway ADDRESS` alone: that is where to call, never a default URL
