@@ -287,8 +287,9 @@ def test_rss_watchdog_recycles_a_replica_over_its_memory_limit(plain: RunningGat
     assert meta.Annotations["openfx.limits.memory"] == "128Mi (RSS watchdog)"
     pid = int(call(plain, "hog", "pid"))
     with ThreadPoolExecutor(1) as pool:
-        # held: each call keeps its block, so the replica's RSS only grows until the watchdog acts
-        breach = pool.submit(lambda: [call(plain, "hog", "60") for _ in range(20)])
+        # the call holds 200 MiB for 5 s: the watchdog (every 0.2 s) finds it over while in flight,
+        # so this caller is the one told why (a call arriving after the recycle gets UNAVAILABLE)
+        breach = pool.submit(call, plain, "hog", "200 hold")
         echo_works(plain)  # during
         with pytest.raises(grpc.RpcError) as caught:
             breach.result()
