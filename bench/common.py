@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +207,22 @@ class Platform:
             p.terminate()
         for p in self.procs:
             p.wait(30)
+        self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch(prefix: str = "openfx-bench-", mode: int = 0o700) -> Iterator[Path]:
+    """A run's folder for its stack file and logs: removed when the run ends, kept (and named on
+    stderr) when it fails, for its logs."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    tmp.chmod(mode)
+    try:
+        yield tmp
+    except BaseException:
+        print(f"logs kept in {tmp}", file=sys.stderr)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def parse_args(parser: argparse.ArgumentParser, **smoke: object) -> argparse.Namespace:

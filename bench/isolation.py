@@ -14,14 +14,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ROOT, free_port, parse_args  # noqa: E402
+from common import ROOT, free_port, parse_args, scratch  # noqa: E402
 
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
@@ -79,12 +78,8 @@ def timeout_round(stub: gpb_grpc.FxGatewayStub, folder: Path, i: int) -> tuple[f
     return back, back
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parse_args(parser, rounds=1)
-    tmp = Path(tempfile.mkdtemp(prefix="openfx-bench-"))
-    tmp.chmod(0o1777)  # the hold handler (maybe the function user) writes its markers here
+def measure(args: argparse.Namespace, tmp: Path) -> tuple[str, list, list]:
+    """Start a gateway on the bench's stack in `tmp` and time the recycles."""
     (tmp / "stack.yaml").write_text(STACK)
     grpc_address = f"127.0.0.1:{free_port()}"
     with open(tmp / "gateway.log", "wb") as log:
@@ -115,6 +110,15 @@ def main() -> None:
     finally:
         gateway.terminate()
         gateway.wait(60)
+    return how, memory, timeouts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parse_args(parser, rounds=1)
+    with scratch(mode=0o1777) as tmp:  # the hold handler (maybe the function user) writes markers
+        how, memory, timeouts = measure(args, tmp)
 
     def cells(samples: list[float]) -> str:
         ms = sorted(s * 1000 for s in samples)

@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +32,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ROOT, Platform, cpu_seconds, descendants, free_port, parse_args, percentiles  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    Platform,
+    cpu_seconds,
+    descendants,
+    free_port,
+    parse_args,
+    percentiles,
+    scratch,
+)
 
 from openfx.bridge import mosquitto  # noqa: E402
 
@@ -141,7 +149,12 @@ class Measured:
 
 
 def one_run(args: argparse.Namespace, number: int) -> list:
-    tmp = Path(tempfile.mkdtemp(prefix="openfx-mqtt-bench-"))
+    with scratch("openfx-mqtt-bench-") as tmp:
+        return measure(args, number, tmp)
+
+
+def measure(args: argparse.Namespace, number: int, tmp: Path) -> list:
+    """Every row of one run: broker, platform and bridge (its logs and the broker's in `tmp`)."""
     port = free_port()
     broker = mosquitto.start(tmp / "mosquitto", port, persistence=False)
     platform = Platform(["echo"], standalone=False, pinned=1)

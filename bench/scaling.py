@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import grpc
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ROOT, free_port, parse_args  # noqa: E402
+from common import ROOT, free_port, parse_args, scratch  # noqa: E402
 
 from openfx.function_def import SCALE_AUTO  # noqa: E402
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
@@ -326,21 +325,21 @@ def main() -> None:
     )
     labels = [f for f in args.functions.split(",") if f]
     functions = sorted({"pyspark" if f == ACCURACY else f for f in labels})
-    tmp = Path(tempfile.mkdtemp(prefix="openfx-bench-"))
-    if not args.only_memory:
-        run(args, labels, functions, tmp)
-    if args.memory != "none":
-        chosen = None if args.memory == "all" else [f for f in args.memory.split(",") if f]
-        zero = [f for f in args.zero.split(",") if f]
-        rows = idle_memory(tmp, chosen, args.idle, zero, 1 if args.smoke else 5)
-        what = "the default stack" if chosen is None else ", ".join(chosen)
-        print(f"\nIdle memory of {what}: gateway + every process under it (MiB)")
-        names = sorted({n for row in rows for n in row[3]})
-        print("| idle stack | total RSS | total PSS | " + " | ".join(names) + " |")
-        print("|---" * (3 + len(names)) + "|")
-        for label, rss, pss, per in rows:
-            cells = " | ".join(f"{per.get(n, 0) / 1024:,.0f}" for n in names)
-            print(f"| {label} | {rss / 1024:,.0f} | {pss / 1024:,.0f} | {cells} |")
+    with scratch() as tmp:
+        if not args.only_memory:
+            run(args, labels, functions, tmp)
+        if args.memory != "none":
+            chosen = None if args.memory == "all" else [f for f in args.memory.split(",") if f]
+            zero = [f for f in args.zero.split(",") if f]
+            rows = idle_memory(tmp, chosen, args.idle, zero, 1 if args.smoke else 5)
+            what = "the default stack" if chosen is None else ", ".join(chosen)
+            print(f"\nIdle memory of {what}: gateway + every process under it (MiB)")
+            names = sorted({n for row in rows for n in row[3]})
+            print("| idle stack | total RSS | total PSS | " + " | ".join(names) + " |")
+            print("|---" * (3 + len(names)) + "|")
+            for label, rss, pss, per in rows:
+                cells = " | ".join(f"{per.get(n, 0) / 1024:,.0f}" for n in names)
+                print(f"| {label} | {rss / 1024:,.0f} | {pss / 1024:,.0f} | {cells} |")
     print(f"({os.cpu_count()} cores, Python {sys.version.split()[0]})")
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,6 +55,7 @@ _TOKEN_DIR = Path(tempfile.mkdtemp(prefix="openfx-test-token-"))
 ADMIN_TOKEN_FILE = _TOKEN_DIR / "token"
 ADMIN_TOKEN_FILE.write_text(ADMIN_TOKEN + "\n")
 ADMIN_TOKEN_FILE.chmod(0o600)
+atexit.register(shutil.rmtree, _TOKEN_DIR, True)  # nothing of a test run stays in /tmp
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # every gateway a test starts serves its console on a free port unless the test names one:
 # several gateways live at once, and 31115 may belong to a platform the developer runs

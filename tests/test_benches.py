@@ -3,12 +3,14 @@ numbers printed here mean nothing; the tables in bench/README.md come from full 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.shared_tmp import shared_tmp
 
 BENCHES = [
     "echo",
@@ -27,9 +29,17 @@ BENCHES = [
 
 @pytest.mark.parametrize("bench", BENCHES)
 def test_bench_smoke(bench: str) -> None:
+    """...and leaves nothing of its own in the temp dir (stack files, logs, gateways' folders)."""
     script = ROOT / "bench" / f"{bench}.py"
-    out = subprocess.run(
-        [sys.executable, str(script), "--smoke"], capture_output=True, text=True, cwd=ROOT, timeout=600
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "|" in out.stdout, f"bench/{bench}.py printed no table:\n{out.stdout[-2000:]}"
+    with shared_tmp() as temp:  # the function user may need to reach folders made in it
+        out = subprocess.run(
+            [sys.executable, str(script), "--smoke"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=600,
+            env={**os.environ, "TMPDIR": str(temp)},
+        )
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        assert "|" in out.stdout, f"bench/{bench}.py printed no table:\n{out.stdout[-2000:]}"
+        assert not list(temp.glob("openfx-*")), sorted(p.name for p in temp.iterdir())

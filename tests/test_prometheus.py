@@ -26,6 +26,7 @@ from openfx.k8s.observability import dashboard_queries, embedded_prometheus_conf
 from openfx.triggers.mqtt import SCRAPE_JOB
 from tests.conftest import ADMIN_TOKEN_FILE, FIXTURES, ROOT, free_port
 from tests.mqtt_helpers import Device
+from tests.shared_tmp import shared_tmp
 from tests.test_triggers import ticks_file
 
 PROMETHEUS = shutil.which("prometheus")
@@ -48,56 +49,57 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     mqtt_port, bridge_metrics = free_port(), f"127.0.0.1:{free_port()}"
     bridge = yaml.safe_load((ROOT / "broker" / "bridge.yaml").read_text())
     (tmp / "bridge.yaml").write_text(yaml.safe_dump({**bridge, "metrics_address": bridge_metrics}))
-    ticks = ticks_file()
-    (tmp / "stack.yaml").write_text(
-        f"include:\n  - {ROOT}/functions/echo/config.yaml\n"
-        f"mqtt: {{enabled: true, port: {mqtt_port}, bridge: bridge.yaml}}\n"
-        "functions:\n"
-        "  ticker:\n"  # slower than its tick: skipped ticks are counted
-        f"    handler: {{dir: {FIXTURES}/functions/ticker/src, file: handler.py}}\n"
-        "    schedule: '* * * * * *'\n"
-        f"    environment: {{TICKS_FILE: {ticks}, TICK_SECONDS: '1.5'}}\n"
-    )
-    grpc_address, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    console = f"127.0.0.1:{free_port()}"
-    state = tmp / "state"
-    log = open(tmp / "platform.log", "ab")  # noqa: SIM115 (closed with the process)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "openfx.launcher",
-            "-f",
-            str(tmp / "stack.yaml"),
-            "--grpc",
-            grpc_address,
-            "--http",
-            http,
-            "--admin-token-file",
-            str(ADMIN_TOKEN_FILE),
-            "--state-dir",
-            str(state),
-            "--console",
-            console,
-        ],
-        stdout=log,
-        stderr=log,
-        cwd=ROOT,
-    )
-    try:
-        line = readiness.wait(state / readiness.PLATFORM_READY, lambda: process.poll() is None, 120)
-        assert line is not None and "NOT ready" not in line, (tmp / "platform.log").read_text()[-2000:]
-        yield {
-            "http": http,
-            "console": console,
-            "mqtt_port": str(mqtt_port),
-            "bridge_metrics": bridge_metrics,
-            "tmp": str(tmp),
-        }
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
-        log.close()
+    with shared_tmp() as shared:
+        ticks = ticks_file(shared)
+        (tmp / "stack.yaml").write_text(
+            f"include:\n  - {ROOT}/functions/echo/config.yaml\n"
+            f"mqtt: {{enabled: true, port: {mqtt_port}, bridge: bridge.yaml}}\n"
+            "functions:\n"
+            "  ticker:\n"  # slower than its tick: skipped ticks are counted
+            f"    handler: {{dir: {FIXTURES}/functions/ticker/src, file: handler.py}}\n"
+            "    schedule: '* * * * * *'\n"
+            f"    environment: {{TICKS_FILE: {ticks}, TICK_SECONDS: '1.5'}}\n"
+        )
+        grpc_address, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        console = f"127.0.0.1:{free_port()}"
+        state = tmp / "state"
+        log = open(tmp / "platform.log", "ab")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "openfx.launcher",
+                "-f",
+                str(tmp / "stack.yaml"),
+                "--grpc",
+                grpc_address,
+                "--http",
+                http,
+                "--admin-token-file",
+                str(ADMIN_TOKEN_FILE),
+                "--state-dir",
+                str(state),
+                "--console",
+                console,
+            ],
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+        )
+        try:
+            line = readiness.wait(state / readiness.PLATFORM_READY, lambda: process.poll() is None, 120)
+            assert line is not None and "NOT ready" not in line, (tmp / "platform.log").read_text()[-2000:]
+            yield {
+                "http": http,
+                "console": console,
+                "mqtt_port": str(mqtt_port),
+                "bridge_metrics": bridge_metrics,
+                "tmp": str(tmp),
+            }
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+            log.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,6 +22,7 @@ from openfx.pb import fxgateway_pb2 as gpb
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc
 from openfx.triggers.schedule import ticks_between
 from tests.conftest import ADMIN_TOKEN_FILE, FIXTURES, ROOT, free_port
+from tests.shared_tmp import shared_tmp
 from tests.test_gateway_manage import wait_for
 
 EVERY_SECOND = "* * * * * *"
@@ -90,14 +91,18 @@ def write_stack(tmp: Path, ticks: Path, seconds: float, cron: str = EVERY_SECOND
     return stack
 
 
-def ticks_file() -> Path:
-    """World-writable: the replica may run as the unprivileged function user."""
-    folder = Path(tempfile.mkdtemp(prefix="openfx-ticks-"))
-    folder.chmod(0o1777)
+def ticks_file(folder: Path) -> Path:
+    """In a world-writable folder (shared_tmp): the replica may run as the function user."""
     path = folder / "ticks.jsonl"
     path.touch(mode=0o666)
     path.chmod(0o666)
     return path
+
+
+@pytest.fixture
+def ticks() -> Iterator[Path]:
+    with shared_tmp() as folder:
+        yield ticks_file(folder)
 
 
 def runs(path: Path) -> list[dict]:
@@ -110,8 +115,9 @@ def test_ticks_between_counts_cron_ticks() -> None:
     assert ticks_between(EVERY_SECOND, 1000.0, 1000.5) == 0
 
 
-def test_schedule_runs_each_tick_through_the_gateway_and_skips_busy_ticks(tmp_path: Path) -> None:
-    ticks = ticks_file()
+def test_schedule_runs_each_tick_through_the_gateway_and_skips_busy_ticks(
+    tmp_path: Path, ticks: Path
+) -> None:
     platform = Platform(tmp_path, write_stack(tmp_path, ticks, seconds=2.5))
     platform.start()
     try:
@@ -145,8 +151,7 @@ def test_schedule_runs_each_tick_through_the_gateway_and_skips_busy_ticks(tmp_pa
         platform.stop()
 
 
-def test_restart_resumes_at_the_next_tick_and_skips_what_was_missed(tmp_path: Path) -> None:
-    ticks = ticks_file()
+def test_restart_resumes_at_the_next_tick_and_skips_what_was_missed(tmp_path: Path, ticks: Path) -> None:
     platform = Platform(tmp_path, write_stack(tmp_path, ticks, seconds=0))
     platform.start()
     try:
