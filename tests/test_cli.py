@@ -211,20 +211,26 @@ def test_build_renders_context_without_docker_engine(tmp_path: Path) -> None:
     assert b"docker build -t localhost:5000/openfx/echo" in out.stdout
 
 
-def test_up_detached_and_down(tmp_path: Path) -> None:
-    """The whole embedded platform: gateway + functions + mosquitto + bridge, then down."""
-    stack = tmp_path / "openfx.yaml"
-    mqtt_port = free_port()
-    # the repo's bridge.yaml with its metrics on a free port (9101 may be taken by another platform)
+def _echo_with_mqtt(tmp_path: Path, mqtt_port: int, extra: str = "") -> Path:
+    """A stack of echo (plus `extra` YAML lines) with the MQTT broker on `mqtt_port` and the repo's
+    bridge.yaml, its metrics on a free port (9101 may be taken by another platform)."""
     bridge = tmp_path / "bridge.yaml"
     bridge.write_text(
         (ROOT / "broker/bridge.yaml").read_text().replace("127.0.0.1:9101", f"127.0.0.1:{free_port()}")
     )
+    stack = tmp_path / "openfx.yaml"
     stack.write_text(
-        f"include: [{ROOT}/functions/echo/config.yaml]\n"
-        "functions: {echo: {scale_to_zero_after: 1s}}\n"  # kept at one by up --no-scale-to-zero
+        f"include: [{ROOT}/functions/echo/config.yaml]\n{extra}"
         f"mqtt: {{port: {mqtt_port}, persistence: false, bridge: {bridge}}}\n"
     )
+    return stack
+
+
+def test_up_detached_and_down(tmp_path: Path) -> None:
+    """The whole embedded platform: gateway + functions + mosquitto + bridge, then down."""
+    mqtt_port = free_port()
+    # kept at one by up --no-scale-to-zero
+    stack = _echo_with_mqtt(tmp_path, mqtt_port, "functions: {echo: {scale_to_zero_after: 1s}}\n")
     grpc_address, http_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     console = f"127.0.0.1:{free_port()}"
     user_config = tmp_path / "home" / "config.yaml"  # a new user: no config, no token yet
@@ -272,15 +278,8 @@ def test_up_detached_and_down(tmp_path: Path) -> None:
 def test_up_with_an_invoke_token_gives_the_bridge_a_token(tmp_path: Path) -> None:
     """With OPENFX_INVOKE_TOKEN set, invoking needs a token: the bridge the platform starts must
     carry one, or every MQTT request is answered UNAUTHENTICATED."""
-    stack, mqtt_port = tmp_path / "openfx.yaml", free_port()
-    bridge = tmp_path / "bridge.yaml"
-    bridge.write_text(
-        (ROOT / "broker/bridge.yaml").read_text().replace("127.0.0.1:9101", f"127.0.0.1:{free_port()}")
-    )
-    stack.write_text(
-        f"include: [{ROOT}/functions/echo/config.yaml]\n"
-        f"mqtt: {{port: {mqtt_port}, persistence: false, bridge: {bridge}}}\n"
-    )
+    mqtt_port = free_port()
+    stack = _echo_with_mqtt(tmp_path, mqtt_port)
     env = {
         "OPENFX_HOME": str(tmp_path / "state"),
         "OPENFX_CONFIG": str(tmp_path / "home" / "config.yaml"),
@@ -316,15 +315,7 @@ def test_up_detached_writes_every_log_owner_only(tmp_path: Path) -> None:
     Every log in the state folder (gateway.log and its rotations, platform.out where the bridge
     writes too, mosquitto.log, prometheus.log) is 0600, under a umask that would leave it 0644;
     a platform.out an older version left 0644 is narrowed."""
-    stack = tmp_path / "openfx.yaml"
-    bridge = tmp_path / "bridge.yaml"
-    bridge.write_text(
-        (ROOT / "broker/bridge.yaml").read_text().replace("127.0.0.1:9101", f"127.0.0.1:{free_port()}")
-    )
-    stack.write_text(
-        f"include: [{ROOT}/functions/echo/config.yaml]\n"
-        f"mqtt: {{port: {free_port()}, persistence: false, bridge: {bridge}}}\n"
-    )
+    stack = _echo_with_mqtt(tmp_path, free_port())
     state = tmp_path / "state"
     state.mkdir()
     (state / "platform.out").write_bytes(b"from an older version\n")

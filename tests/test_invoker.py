@@ -39,19 +39,20 @@ class Replica:
             raise self.fail
         return wpb.Reply(Output=b"out:" + request.input)
 
+    async def answers(self, requests: AsyncIterator[wpb.Request]) -> AsyncIterator[wpb.Reply]:
+        async for r in requests:
+            self.requests.append(r)
+            if self.stream_error is not None:
+                raise self.stream_error
+            yield wpb.Reply(Output=b"s:" + r.input)
+
     def stream(self, requests: AsyncIterator[wpb.Request]):  # type: ignore[no-untyped-def]
+        """A stand-in for the gRPC stream call: iterable (`answers`) and cancellable."""
         replica = self
 
         class Call:
             def __aiter__(self):  # type: ignore[no-untyped-def]
-                return self.gen()
-
-            async def gen(self):  # type: ignore[no-untyped-def]
-                async for r in requests:
-                    replica.requests.append(r)
-                    if replica.stream_error is not None:
-                        raise replica.stream_error
-                    yield wpb.Reply(Output=b"s:" + r.input)
+                return replica.answers(requests)
 
             def cancel(self) -> None:
                 replica.stream_cancelled = True
@@ -542,30 +543,18 @@ class TimedReplica(Replica):
         self.hold: asyncio.Event | None = None  # set: after the first answer, wait for it
         self.answered = asyncio.Event()
 
-    def stream(self, requests: AsyncIterator[wpb.Request]):  # type: ignore[no-untyped-def]
-        replica = self
-
-        class Call:
-            def __aiter__(self):  # type: ignore[no-untyped-def]
-                return self.gen()
-
-            async def gen(self):  # type: ignore[no-untyped-def]
-                if replica.early and replica.stream_error is not None:
-                    raise replica.stream_error
-                async for r in requests:
-                    replica.requests.append(r)
-                    replica.clock.now += replica.step
-                    if replica.stream_error is not None:
-                        raise replica.stream_error
-                    yield wpb.Reply(Output=b"s:" + r.input)
-                    replica.answered.set()
-                    if replica.hold is not None:
-                        await replica.hold.wait()
-
-            def cancel(self) -> None:
-                replica.stream_cancelled = True
-
-        return Call()
+    async def answers(self, requests: AsyncIterator[wpb.Request]) -> AsyncIterator[wpb.Reply]:
+        if self.early and self.stream_error is not None:
+            raise self.stream_error
+        async for r in requests:
+            self.requests.append(r)
+            self.clock.now += self.step
+            if self.stream_error is not None:
+                raise self.stream_error
+            yield wpb.Reply(Output=b"s:" + r.input)
+            self.answered.set()
+            if self.hold is not None:
+                await self.hold.wait()
 
 
 def timed(clock: Clock, step: float) -> tuple[Invoker, Function, TimedReplica, GatewayMetrics]:
