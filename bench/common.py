@@ -208,7 +208,10 @@ class Platform:
         for p in self.procs:
             p.wait(30)
         self.log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if sys.exc_info()[0] is None:  # closed by a `finally` of a run that failed: keep the logs
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            print(f"logs kept in {self.tmp}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +24,16 @@ import grpc
 import uvloop
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ROOT, Result, cpu_seconds, descendants, free_port, measure, parse_args  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    Result,
+    cpu_seconds,
+    descendants,
+    free_port,
+    measure,
+    parse_args,
+    scratch,
+)
 
 from openfx.pb import fxgateway_pb2 as gpb  # noqa: E402
 from openfx.pb import fxgateway_pb2_grpc as gpb_grpc  # noqa: E402
@@ -132,30 +139,29 @@ async def round_of(gw: Gateway, args: argparse.Namespace) -> tuple[Row, Row]:
 
 
 async def main(args: argparse.Namespace) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="openfx-guards-"))
-    base = tmp / "before"
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(base), BEFORE], check=True
-    )
-    gateways = []
-    try:
-        gateways = [Gateway(base, tmp, "before"), Gateway(ROOT, tmp, "after")]
-        rows: dict[str, list[Row]] = {}
-        for i in range(args.rounds):
-            for gw in gateways if i % 2 == 0 else reversed(gateways):
-                for row in await round_of(gw, args):
-                    rows.setdefault(row.result.name, []).append(row)
-                    print(
-                        f"  round {i + 1}: {row.result.name}: p50 {row.result.p50_us:.0f} µs, "
-                        f"{row.result.rps_n:,.0f} req/s, CPU per call: gateway {row.gateway_us:.0f} µs, "
-                        f"echo {row.function_us:.0f} µs",
-                        flush=True,
-                    )
-    finally:
-        for gw in gateways:
-            gw.close()
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with scratch("openfx-guards-") as tmp:  # the logs stay when the run fails
+        base = tmp / "before"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(base), BEFORE], check=True
+        )
+        gateways = []
+        try:
+            gateways = [Gateway(base, tmp, "before"), Gateway(ROOT, tmp, "after")]
+            rows: dict[str, list[Row]] = {}
+            for i in range(args.rounds):
+                for gw in gateways if i % 2 == 0 else reversed(gateways):
+                    for row in await round_of(gw, args):
+                        rows.setdefault(row.result.name, []).append(row)
+                        print(
+                            f"  round {i + 1}: {row.result.name}: p50 {row.result.p50_us:.0f} µs, "
+                            f"{row.result.rps_n:,.0f} req/s, CPU per call: gateway {row.gateway_us:.0f} µs, "
+                            f"echo {row.function_us:.0f} µs",
+                            flush=True,
+                        )
+        finally:
+            for gw in gateways:
+                gw.close()
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
     print_table(rows, args)
 
 

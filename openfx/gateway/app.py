@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import logging.handlers
-import shutil
 import signal
 import socket
 import ssl
@@ -266,7 +265,7 @@ class Gateway:
         try:
             self.backend = self._make_backend()
         except BaseException:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            sandbox.remove_temp_folder(self.run_dir)
             raise
         self.backend.on_gauge = self.metrics.set_replicas
         self.metrics.watch_in_flight(lambda: [(n, f.in_flight) for n, f in self.backend.functions.items()])
@@ -449,7 +448,7 @@ class Gateway:
         if self.console_runner is not None:
             await self.console_runner.cleanup()
         await self.backend.close()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        sandbox.remove_temp_folder(self.run_dir)
 
 
 class StartError(Exception):

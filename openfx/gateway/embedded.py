@@ -991,6 +991,4 @@ class EmbeddedBackend:
         if self.cgroups is not None:
             self.cgroups.close()
         if self.replicas_root != self.run_dir:
-            import shutil
-
-            shutil.rmtree(self.replicas_root, ignore_errors=True)
+            sandbox.remove_temp_folder(self.replicas_root)

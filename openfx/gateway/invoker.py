@@ -97,13 +97,7 @@ class Invoker:
     def metric_label(self, name: str, fn: Function | None = None) -> str:
         """The function_name a call is counted under: an anonymous caller choosing names must not
         add series to /metrics without limit, so every name that is not deployed shares one."""
-        if fn is not None:
-            return name
-        try:
-            self.backend.get(name)
-        except InvokeError:
-            return UNKNOWN_FUNCTION
-        return name
+        return name if fn is not None or name in self.backend.functions else UNKNOWN_FUNCTION
 
     def _count(self, name: str, code: int, started: float, fn: Function | None, trigger: str) -> None:
         if fn is not None:

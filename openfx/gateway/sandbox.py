@@ -198,9 +198,7 @@ class ReplicaDirs:
         self.path.mkdir(mode=0o700, exist_ok=True)
         if self.user is not None:
             os.lchown(self.path, self.user.uid, self.user.gid)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        if self.tmp.is_symlink() or self.tmp.exists():  # a file or a link: rmtree leaves those
-            self.tmp.unlink()
+        shutil.rmtree(self.tmp, ignore_errors=True)  # a file or a link is left, for the loop below
         for folder in (self.tmp, self.home):
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
                 folder.unlink()
@@ -235,7 +233,8 @@ def replicas_root(run_dir: Path, user: FunctionUser | None) -> Path:
 
 _TEMP = re.compile(r"openfx-(gw|fn)-(\d+)-\w+")
 _LOCK = ".in-use"
-_held: list[int] = []  # the lock descriptors of this gateway's folders, open until it exits
+_held: dict[Path, int] = {}  # this gateway's folders and their lock descriptors
+_swept = False
 
 
 def temp_folder(kind: str) -> Path:
@@ -244,20 +243,31 @@ def temp_folder(kind: str) -> Path:
     included), so every gateway first removes those of its own user that no gateway holds: the pid
     is not running here and the lock is free (the lock also covers a gateway in another pid
     namespace sharing /tmp). Nothing else piles up in /tmp over restarts."""
+    global _swept
     base = Path(tempfile.gettempdir())
-    try:
-        entries = list(base.iterdir())
-    except OSError:  # a temp dir we may write but not list: nothing to clear
-        entries = []
-    for entry in entries:
-        match = _TEMP.fullmatch(entry.name)
-        if match is not None and not alive(int(match.group(2))):
-            _remove_if_abandoned(entry)
+    if not _swept:  # once per process: the gateway makes two of these at start
+        _swept = True
+        try:
+            entries = list(base.iterdir())
+        except OSError:  # a temp dir we may write but not list: nothing to clear
+            entries = []
+        for entry in entries:
+            match = _TEMP.fullmatch(entry.name)
+            if match is not None and not alive(int(match.group(2))):
+                _remove_if_abandoned(entry)
     folder = Path(tempfile.mkdtemp(prefix=f"openfx-{kind}-{os.getpid()}-", dir=base))
     fd = os.open(folder / _LOCK, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    _held.append(fd)
+    _held[folder] = fd
     return folder
+
+
+def remove_temp_folder(folder: Path) -> None:
+    """Remove one of this gateway's folders and let go of its lock."""
+    shutil.rmtree(folder, ignore_errors=True)
+    fd = _held.pop(folder, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _remove_if_abandoned(entry: Path) -> None:
