@@ -29,7 +29,7 @@ from openfx.gateway.app import (
 )
 from openfx.gateway.auth import INVOKE
 from openfx.state import state_dir
-from openfx.triggers import KINDS, PlatformContext, Trigger, TriggerError
+from openfx.triggers import KINDS, PlatformContext, Trigger, TriggerError, mqtt
 
 TRIGGER_READY_SECONDS = 20.0
 
@@ -150,10 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         _say(str(exc))
         raise SystemExit(2) from None
-    if args.no_mqtt:
-        stack.mqtt = None
-    elif args.mqtt_port is not None and stack.mqtt is not None:
-        stack.mqtt.port = args.mqtt_port
+    mqtt.apply_flags(stack, args.no_mqtt, args.mqtt_port)
     stack_path = Path(args.file).resolve()
     folder = Path(args.state_dir) if args.state_dir else state_dir(stack_path)
     folder.mkdir(parents=True, exist_ok=True)

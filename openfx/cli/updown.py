@@ -151,7 +151,7 @@ def up(
         raise click.ClickException(f"already running (pid {pid}); stop it with 'openfx-cli down'")
     prometheus = None
     if monitoring:
-        triggers = _trigger_metrics(stack, stack_file, no_mqtt)
+        triggers = _trigger_metrics(stack, stack_file, no_mqtt, mqtt_port)
         prometheus = _start_prometheus(folder, prometheus_address, http_address, triggers, timeout)
     if not detach:
         _console_hint(console_address)
@@ -203,15 +203,15 @@ def _console_hint(console_address: str) -> None:
         click.echo(f"console: http://{console_address}/ (sign in with the token 'openfx-cli token' prints)")
 
 
-def _trigger_metrics(stack: StackFile, stack_file: str, no_mqtt: bool) -> dict[str, str]:
-    """Job name -> address of each trigger process's own /metrics (every kind says its own)."""
-    from openfx.triggers import scrape_targets
-    from openfx.triggers.mqtt import SCRAPE_JOB
+def _trigger_metrics(
+    stack: StackFile, stack_file: str, no_mqtt: bool, mqtt_port: int | None
+) -> dict[str, str]:
+    """Job name -> address of each trigger process's own /metrics (every kind says its own), for
+    the stack as the launcher will run it."""
+    from openfx.triggers import mqtt, scrape_targets
 
-    targets = scrape_targets(stack, Path(stack_file))
-    if no_mqtt:
-        targets.pop(SCRAPE_JOB, None)
-    return targets
+    mqtt.apply_flags(stack, no_mqtt, mqtt_port)
+    return scrape_targets(stack, Path(stack_file))
 
 
 def _start_prometheus(

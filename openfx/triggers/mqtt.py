@@ -33,6 +33,15 @@ class MqttSpec(Strict):
     bridge: str = "broker/bridge.yaml"  # relative to the stack file
 
 
+def apply_flags(stack: StackFile, no_mqtt: bool, port: int | None) -> None:
+    """What `--no-mqtt` / `--mqtt-port` change in the stack, the same for `openfx-cli up` (what it
+    scrapes) and the launcher (what it starts)."""
+    if no_mqtt:
+        stack.mqtt = None
+    elif port is not None and stack.mqtt is not None:
+        stack.mqtt.port = port
+
+
 class MqttTrigger(Trigger):
     kind = "mqtt"
     stack_key = "mqtt"
