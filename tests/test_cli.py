@@ -275,6 +275,24 @@ def test_up_detached_and_down(tmp_path: Path) -> None:
         assert s.connect_ex(("127.0.0.1", mqtt_port)) != 0  # the broker stopped too
 
 
+def test_up_passes_max_pids_to_the_gateway(tmp_path: Path) -> None:
+    """`up --max-pids` reaches the gateway, whose refusal of a cap too small is up's one-line error."""
+    stack = tmp_path / "openfx.yaml"
+    stack.write_text(f"include: [{ROOT}/functions/echo/config.yaml]\n")
+    env = {"OPENFX_HOME": str(tmp_path / "state"), "OPENFX_CONFIG": str(tmp_path / "home" / "config.yaml")}
+    where = ("--grpc", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}", "--console", "")
+    out = cli("up", "-d", "-f", str(stack), *where, "--no-mqtt", "--max-pids", "8", env=env)
+    assert out.returncode == 1
+    assert (
+        out.stderr.decode()
+        .strip()
+        .endswith(
+            "platform: --max-pids 8 leaves a replica no room (at least 32); "
+            "--max-pids 0 runs replicas without a cap"
+        )
+    )
+
+
 def test_up_with_an_invoke_token_gives_the_bridge_a_token(tmp_path: Path) -> None:
     """With OPENFX_INVOKE_TOKEN set, invoking needs a token: the bridge the platform starts must
     carry one, or every MQTT request is answered UNAUTHENTICATED."""

@@ -170,6 +170,16 @@ def test_a_fork_bomb_stops_at_the_replicas_pids_cap(tmp_path: Path) -> None:
         assert int(call(gw, "forker", b"pid")) == pid  # the same replica
         meta = gw.stub().GetMeta(gpb.FunctionRequest(FunctionName="forker"), timeout=10)
         assert meta.Annotations["openfx.limits.pids"] == "48 processes and threads (cgroup v1)"
+        # a replica that dies at its cap says so (gRPC's runtime aborts one that cannot start a thread)
+        assert call_error(gw, "forker", b"exit").code() == grpc.StatusCode.UNAVAILABLE
+        said = "forker[0]: process exited with code 3 after its cap of 48 processes and threads (--max-pids)"
+
+        def log_says() -> bool:
+            log = gw.stub().GetLog(gpb.FunctionRequest(FunctionName="forker"), timeout=10).Msg.decode()
+            return said + " refused" in log
+
+        eventually(log_says, "the cap named in the exit line")
+        assert eventually(lambda: int(call(gw, "forker", b"pid", timeout=5)), "forker back") != pid
         echo_works(gw)
     finally:
         gw.stop()

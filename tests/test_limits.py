@@ -70,6 +70,7 @@ def test_the_pids_cap_is_set_only_where_a_pids_cgroup_is() -> None:
 
 
 NO_CAP = "; --max-pids 0 runs replicas without a cap"
+PID_MAX = int(Path("/proc/sys/kernel/pid_max").read_text())
 
 
 @pytest.mark.parametrize(
@@ -81,6 +82,10 @@ NO_CAP = "; --max-pids 0 runs replicas without a cap"
         ),
         (("--max-pids", "-1"), "--max-pids -1 is not a count" + NO_CAP),
         (("--max-pids", "8"), "--max-pids 8 leaves a replica no room (at least 32)" + NO_CAP),
+        (
+            ("--max-pids", str(PID_MAX + 1)),
+            f"--max-pids {PID_MAX + 1} is more than the kernel's pid_max ({PID_MAX})" + NO_CAP,
+        ),
         (
             ("--backend", "kubernetes", "--max-pids", "100"),
             "--max-pids applies to embedded replicas; set podPidsLimit on the cluster",

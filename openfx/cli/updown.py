@@ -84,6 +84,13 @@ def _running_pid(pid_file: Path) -> int | None:
     help="DANGEROUS: no token for deploy/delete/scale/logs on loopback (for tools that cannot send one)",
 )
 @click.option(
+    "--max-pids",
+    type=int,
+    default=None,
+    help="processes and threads per replica, by a pids cgroup (default 1024 where one is writable; "
+    "0: no cap; OPENFX_MAX_PIDS)",
+)
+@click.option(
     "--no-scale-to-zero",
     is_flag=True,
     help="keep one replica of every function, whatever its scale_to_zero_after (OPENFX_SCALE_TO_ZERO=off)",
@@ -100,6 +107,7 @@ def up(
     no_mqtt: bool,
     timeout: float,
     open_management: bool,
+    max_pids: int | None,
     no_scale_to_zero: bool,
 ) -> None:
     """Start the gateway, every function of the stack file, the MQTT broker and the bridge.
@@ -145,6 +153,8 @@ def up(
         args.append("--no-mqtt")
     if no_scale_to_zero:
         args.append("--no-scale-to-zero")
+    if max_pids is not None:
+        args += ["--max-pids", str(max_pids)]
     folder = state_dir(stack_file)
     pid_file = folder / "gateway.pid"
     if detach and (pid := _running_pid(pid_file)) is not None:

@@ -209,13 +209,22 @@ class LocalReplica:
             self.ready = False
             self.fn.update_gauge()
             self.check_memory(None)  # an OOM kill that ended the process is still a recycle
+            refused = self.cgroup.forks_refused() if self.cgroup is not None else 0  # read before reaping
             await self._disconnect()
             await self._reap()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(pump, 2)
             code = self.process.returncode
             if not self.stopping and self.recycled is None and code not in (0, None):
-                self.fn.note(f"{self.label}: process exited with code {code}", error=not self.errors_this_run)
+                why = (
+                    f" after its cap of {self.fn.enforcement.pids} processes and threads (--max-pids) "
+                    f"refused {refused} of them"
+                    if refused
+                    else ""
+                )
+                self.fn.note(
+                    f"{self.label}: process exited with code {code}{why}", error=not self.errors_this_run
+                )
 
     async def _reap(self) -> None:
         """End whatever is left of this run: its process group, every pid in its cgroup, the cgroup."""
@@ -631,6 +640,14 @@ def _dialable(address: str) -> str:
     return address
 
 
+def _pid_max() -> int:
+    """The kernel's own ceiling on process ids: a pids.max above it is refused by the kernel."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 4_194_304  # PID_MAX_LIMIT on 64-bit Linux
+
+
 class EmbeddedBackend:
     """Functions as local processes; the gateway's Deploy/Update/Delete/ReplicaUpdate act here."""
 
@@ -699,6 +716,8 @@ class EmbeddedBackend:
         problem = ""
         if asked < 0:
             problem = "is not a count"
+        elif asked > (most := _pid_max()):
+            problem = f"is more than the kernel's pid_max ({most})"
         elif asked and asked < defaults.MIN_PIDS:
             problem = f"leaves a replica no room (at least {defaults.MIN_PIDS})"
         elif asked and not usable:
