@@ -202,6 +202,12 @@ class Platform:
             time.sleep(0.2)
         raise SystemExit("platform did not become ready; see " + str(self.tmp / "gateway.log"))
 
+    def log_tail(self, lines: int = 30) -> str:
+        """The gateway log's last lines (a failing bench prints them: its folder may not outlive it)."""
+        self.log.flush()
+        text = (self.tmp / "gateway.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
     def close(self) -> None:
         for p in self.procs:
             p.terminate()

@@ -73,14 +73,17 @@ def main() -> None:
     ready = time.perf_counter() - started
     stub = gpb_grpc.FxGatewayStub(grpc.insecure_channel(platform.grpc))
     try:
+        deadline = time.monotonic() + (90 if args.smoke else 300)  # both JVMs: ~20-45 s here
         while True:
             try:
                 request = gpb.InvokeServiceRequest(Service="pyspark", Input=b"")
-                accuracy = stub.Invoke(request, timeout=120).Msg
+                accuracy = stub.Invoke(request, timeout=max(1.0, deadline - time.monotonic())).Msg
                 break
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    print(platform.log_tail(), file=sys.stderr)
+                    why = f"{exc.code().name}: {exc.details()}"
+                    raise SystemExit(f"no accuracy line from pyspark: {why}") from None
                 time.sleep(0.2)
         jvm_ready = time.perf_counter() - started
         for name in ("numpy", "mleap", "spark"):
